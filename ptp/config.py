@@ -1,0 +1,111 @@
+"""One configuration object for the Python API and the CLI, and the sparsity spec parser."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, fields
+
+METHODS = ("magnitude", "wanda", "sparsegpt")
+
+
+class ConfigError(ValueError):
+    """Bad user input: the CLI prints the message on one line and exits with code 2."""
+
+
+@dataclass(frozen=True)
+class Sparsity:
+    """What fraction of each layer's weights to remove, and in which pattern.
+
+    Unstructured: ``n = m = 0`` and ``ratio`` in [0, 1).
+    N:M: keep ``n`` of every ``m`` consecutive weights along the input dimension;
+    ``ratio`` is then ``1 - n/m``.
+    """
+
+    ratio: float
+    n: int = 0
+    m: int = 0
+
+    @property
+    def is_nm(self) -> bool:
+        return self.m > 0
+
+    def __str__(self) -> str:
+        return f"{self.n}:{self.m}" if self.is_nm else f"{self.ratio:g}"
+
+
+def parse_sparsity(spec: str | float | Sparsity) -> Sparsity:
+    """Parse ``0.5``, ``"0.5"``, ``"50%"`` (unstructured) or ``"2:4"`` (N:M).
+
+    >>> parse_sparsity("2:4")
+    Sparsity(ratio=0.5, n=2, m=4)
+    >>> parse_sparsity("60%").ratio
+    0.6
+    """
+    if isinstance(spec, Sparsity):
+        return spec
+    text = str(spec).strip()
+    nm = re.fullmatch(r"(\d+)\s*:\s*(\d+)", text)
+    if nm:
+        n, m = int(nm.group(1)), int(nm.group(2))
+        if not 0 < n < m:
+            raise ConfigError(f"N:M sparsity needs 0 < N < M, got {text!r}")
+        return Sparsity(ratio=1 - n / m, n=n, m=m)
+    try:
+        ratio = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+    except ValueError:
+        raise ConfigError(
+            f"sparsity must be a fraction in [0, 1) such as 0.5 or 50%, or N:M such as 2:4; got {text!r}"
+        ) from None
+    if not 0 <= ratio < 1:
+        raise ConfigError(f"sparsity must lie in [0, 1), got {text!r}")
+    return Sparsity(ratio=ratio)
+
+
+@dataclass
+class PruneConfig:
+    """Everything that decides what ``ptp.prune`` does. The CLI builds this same object.
+
+    method:          "magnitude", "wanda" or "sparsegpt".
+    sparsity:        "0.5", "50%", "2:4", "4:8" (or a ``Sparsity``).
+    blocksize:       SparseGPT's lazy-update block width (columns).
+    damp:            SparseGPT's relative dampening: lambda = damp * mean(diag H).
+    true_sequential: prune attention projections first, re-run the block, then the MLP, so the
+                     MLP's statistics come from the already-pruned attention.
+    skip:            layers left dense: a name such as ``model.layers.0.mlp.down_proj``, a suffix
+                     such as ``down_proj`` or ``layers.3`` (whole block), matched on dot boundaries.
+    blocks:          dotted path of the decoder blocks' ModuleList (``model.layers``); found
+                     automatically when None.
+    batch_size:      calibration samples per forward pass through a block.
+    device:          compute device for the block being pruned; CUDA when present, else CPU.
+    """
+
+    method: str = "sparsegpt"
+    sparsity: Sparsity | str | float = "0.5"
+    blocksize: int = 128
+    damp: float = 0.01
+    true_sequential: bool = False
+    skip: tuple[str, ...] = ()
+    blocks: str | None = None
+    batch_size: int = 8
+    device: str | None = None
+
+    def __post_init__(self):
+        self.sparsity = parse_sparsity(self.sparsity)
+        self.method = str(self.method).lower()
+        if self.method not in METHODS:
+            raise ConfigError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.blocksize < 1:
+            raise ConfigError(f"blocksize must be positive, got {self.blocksize}")
+        if self.sparsity.is_nm and self.method == "sparsegpt" and self.blocksize % self.sparsity.m:
+            raise ConfigError(f"blocksize {self.blocksize} must be a multiple of M={self.sparsity.m}")
+        if self.damp <= 0:
+            raise ConfigError(f"damp must be positive, got {self.damp}")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be positive, got {self.batch_size}")
+        self.skip = tuple(self.skip)
+
+    def to_dict(self) -> dict:
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["sparsity"] = str(self.sparsity)
+        out["skip"] = list(self.skip)
+        return out
