@@ -1,0 +1,110 @@
+"""Perplexity, comparison and zero-shot evaluation on tiny models (CPU, no downloads)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from ptp.evaluate import chunked_nll, perplexity_of_tokens, windows
+
+VOCAB = 96
+
+
+def tiny_llama(seed: int = 0, scale: float = 0.3) -> LlamaForCausalLM:
+    """A 2-block random Llama whose next-token distributions are far from uniform.
+
+    A large init scale makes the logits peaky, so formula mistakes (a shifted label, a
+    dropped window, mean-of-ppl instead of mean-of-NLL) change the result by far more
+    than the 0.1% tolerance.
+    """
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        initializer_range=scale, tie_word_embeddings=False,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+class Bigram(torch.nn.Module):
+    """logits[b, t] = table[x[b, t]]: a model whose perplexity can be written by hand."""
+
+    def __init__(self, table: torch.Tensor):
+        super().__init__()
+        self.emb = torch.nn.Embedding.from_pretrained(table.clone())
+        self.training = False
+
+    def get_input_embeddings(self):
+        return self.emb
+
+    def forward(self, input_ids, use_cache=False):
+        return type("Out", (), {"logits": self.emb(input_ids)})()
+
+
+def papers_loop(model, tokens: torch.Tensor, seqlen: int, limit: int | None = None) -> float:
+    """The SparseGPT/Wanda evaluation loop, transcribed (``llama_eval`` / ``eval_ppl``)."""
+    nsamples = tokens.numel() // seqlen
+    if limit is not None:
+        nsamples = min(nsamples, limit)
+    nlls = []
+    for i in range(nsamples):
+        batch = tokens[:, i * seqlen : (i + 1) * seqlen]
+        with torch.no_grad():
+            lm_logits = model(batch).logits
+        shift_logits = lm_logits[:, :-1, :].contiguous()
+        shift_labels = batch[:, 1:]
+        loss = torch.nn.CrossEntropyLoss()(shift_logits.view(-1, shift_logits.size(-1)), shift_labels.reshape(-1))
+        nlls.append(loss.float() * seqlen)
+    return torch.exp(torch.stack(nlls).sum() / (nsamples * seqlen)).item()
+
+
+def test_windows_drop_tail_and_respect_limit():
+    toks = torch.arange(23).view(1, -1)
+    w = windows(toks, 5)
+    assert w.shape == (4, 5) and w[1].tolist() == [5, 6, 7, 8, 9]
+    assert windows(toks, 5, limit=2).shape == (2, 5)
+    with pytest.raises(ValueError):
+        windows(toks, 24)
+
+
+def test_perplexity_by_hand_on_bigram_model():
+    # Each window [a, b, c] contributes -log p(b|a) - log p(c|b); the pair across the window
+    # boundary (c -> next window's a) must NOT be counted.
+    torch.manual_seed(1)
+    table = torch.randn(5, 5) * 3
+    model = Bigram(table)
+    toks = torch.tensor([[0, 1, 2, 3, 4, 0, 2, 2, 1, 3]])  # 3 windows of 3, tail [3] dropped
+    logp = table.log_softmax(-1)
+    pairs = [(0, 1), (1, 2), (3, 4), (4, 0), (2, 2), (2, 1)]
+    expected = math.exp(-sum(logp[a, b].item() for a, b in pairs) / len(pairs))
+    assert perplexity_of_tokens(model, toks, 3, progress=False) == pytest.approx(expected, rel=1e-6)
+    # limit=1: only the pairs of the first window.
+    first = math.exp(-(logp[0, 1] + logp[1, 2]).item() / 2)
+    assert perplexity_of_tokens(model, toks, 3, limit=1, progress=False) == pytest.approx(first, rel=1e-6)
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_perplexity_matches_papers_loop_on_tiny_llama(batch_size):
+    model = tiny_llama()
+    toks = torch.randint(0, VOCAB, (1, 64 * 7 + 13), generator=torch.Generator().manual_seed(2))
+    ref = papers_loop(model, toks, 64)
+    got = perplexity_of_tokens(model, toks, 64, batch_size=batch_size, progress=False)
+    assert got == pytest.approx(ref, rel=1e-3)
+    assert perplexity_of_tokens(model, toks, 64, limit=2, progress=False) == pytest.approx(
+        papers_loop(model, toks, 64, limit=2), rel=1e-3
+    )
+
+
+def test_chunked_nll_independent_of_chunk_and_upcasts_bf16():
+    torch.manual_seed(3)
+    logits = (torch.randn(2, 9, 50) * 4).bfloat16()
+    labels = torch.randint(0, 50, (2, 9))
+    whole = torch.nn.functional.cross_entropy(
+        logits[:, :-1].float().reshape(-1, 50), labels[:, 1:].reshape(-1), reduction="sum"
+    ).item()
+    for chunk in (1, 5, 1000):
+        total, n = chunked_nll(logits, labels, chunk=chunk)
+        assert n == 16 and total == pytest.approx(whole, rel=1e-6)
