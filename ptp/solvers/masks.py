@@ -1,0 +1,50 @@
+"""Choosing which weights to keep from a score: unstructured (per layer or per row) and N:M.
+
+Every function returns a boolean ``keep`` mask of the score's shape: True where the weight stays.
+Ties are broken by index order, so the same scores always give the same mask.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import Sparsity
+
+
+def unstructured_mask(score: torch.Tensor, ratio: float, per_row: bool = False) -> torch.Tensor:
+    """Keep all but the ``floor(ratio * count)`` lowest scores.
+
+    score: [rows, cols]. ``per_row=False`` ranks the whole matrix at once (magnitude pruning);
+    ``per_row=True`` ranks each output row separately, removing ``floor(ratio * cols)`` per row (Wanda).
+    """
+    keep = torch.ones_like(score, dtype=torch.bool)
+    if per_row:
+        k = int(ratio * score.shape[1])
+        if k:
+            keep.scatter_(1, torch.topk(score, k, dim=1, largest=False, sorted=False).indices, False)
+        return keep
+    k = int(ratio * score.numel())
+    if k:
+        keep.view(-1)[torch.topk(score.reshape(-1), k, largest=False, sorted=False).indices] = False
+    return keep
+
+
+def nm_mask(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Keep the ``n`` highest scores in every group of ``m`` consecutive columns.
+
+    score: [rows, cols] with cols divisible by m. One ``topk`` over a [rows, cols/m, m] view.
+    """
+    rows, cols = score.shape
+    if cols % m:
+        raise ValueError(f"{cols} columns are not a multiple of M={m}")
+    groups = score.reshape(rows, cols // m, m)
+    keep = torch.zeros_like(groups, dtype=torch.bool)
+    keep.scatter_(2, torch.topk(groups, n, dim=2, sorted=False).indices, True)
+    return keep.reshape(rows, cols)
+
+
+def mask_from_score(score: torch.Tensor, sparsity: Sparsity, per_row: bool = False) -> torch.Tensor:
+    """N:M groups when the spec is N:M, else unstructured (per layer, or per row)."""
+    if sparsity.is_nm:
+        return nm_mask(score, sparsity.n, sparsity.m)
+    return unstructured_mask(score, sparsity.ratio, per_row=per_row)
