@@ -4,5 +4,7 @@ __version__ = "0.1.0"
 
 from .config import ConfigError, PruneConfig, Sparsity, parse_sparsity
 from .engine import PruneReport, find_blocks, prune
+from .data import calibration_batches, random_windows
+from .io import load, load_model, save
 
-__all__ = ["ConfigError", "PruneConfig", "PruneReport", "Sparsity", "find_blocks", "parse_sparsity", "prune"]
+__all__ = ["ConfigError", "PruneConfig", "PruneReport", "Sparsity", "calibration_batches", "find_blocks", "load", "load_model", "parse_sparsity", "prune", "random_windows", "save"]
