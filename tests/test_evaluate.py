@@ -108,3 +108,67 @@ def test_chunked_nll_independent_of_chunk_and_upcasts_bf16():
     for chunk in (1, 5, 1000):
         total, n = chunked_nll(logits, labels, chunk=chunk)
         assert n == 16 and total == pytest.approx(whole, rel=1e-6)
+
+
+# --- lm-eval on a local multiple-choice task ------------------------------------------
+
+WORDS = ["</s>", "[UNK]"] + [f"w{i}" for i in range(40)]
+
+
+def word_tokenizer():
+    """A whitespace word-level tokenizer over WORDS (no download): one word = one token."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=core, eos_token="</s>", unk_token="[UNK]", model_max_length=256)
+
+
+def write_task(dirpath, docs):
+    """A local lm-eval multiple-choice task: items.jsonl + its YAML, read offline by `json`."""
+    import json
+
+    data = dirpath / "items.jsonl"
+    data.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    (dirpath / "ptp_toy.yaml").write_text(
+        "task: ptp_toy\n"
+        "dataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {data}\n"
+        "test_split: test\n"
+        "output_type: multiple_choice\n"
+        "doc_to_text: '{{question}}'\n"
+        "doc_to_choice: '{{choices}}'\n"
+        "doc_to_target: '{{answer}}'\n"
+        "metric_list:\n  - metric: acc\n"
+    )
+
+
+def test_evaluate_tasks_accuracy_matches_models_own_loglikelihoods(tmp_path, monkeypatch):
+    from ptp.evaluate import evaluate_tasks
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    model, tok = tiny_llama(seed=4, scale=0.5), word_tokenizer()
+    rng = torch.Generator().manual_seed(5)
+    docs = []
+    for i in range(8):
+        question = " ".join(f"w{int(j)}" for j in torch.randint(0, 40, (5,), generator=rng))
+        choices = [f"w{int(j)}" for j in torch.randperm(40, generator=rng)[:4]]
+        # Single-token choices: log p(choice | question) is one entry of the last position's
+        # log-softmax, so the model's own preference is its argmax over the 4 choice ids.
+        ids = tok(question).input_ids
+        with torch.no_grad():
+            logp = model(torch.tensor([ids])).logits[0, -1].log_softmax(-1)
+        best = int(torch.stack([logp[tok.convert_tokens_to_ids(c)] for c in choices]).argmax())
+        # Even items: the gold answer is the model's favourite; odd items: another choice.
+        answer = best if i % 2 == 0 else (best + 1) % 4
+        docs.append({"question": question, "choices": choices, "answer": answer})
+    write_task(tmp_path, docs)
+    results = evaluate_tasks(model, tok, ["ptp_toy"], include_path=tmp_path)
+    assert results["ptp_toy"]["acc"] == pytest.approx(0.5)
+    # The in-memory weights are what is evaluated: flip the model's preferences by
+    # negating the head, and the favourites become the least likely choices.
+    with torch.no_grad():
+        model.lm_head.weight.neg_()
+    assert evaluate_tasks(model, tok, "ptp_toy", include_path=tmp_path)["ptp_toy"]["acc"] < 0.5
+
