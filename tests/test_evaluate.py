@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -172,3 +173,138 @@ def test_evaluate_tasks_accuracy_matches_models_own_loglikelihoods(tmp_path, mon
         model.lm_head.weight.neg_()
     assert evaluate_tasks(model, tok, "ptp_toy", include_path=tmp_path)["ptp_toy"]["acc"] < 0.5
 
+
+
+# --- agreement with the dense model ---------------------------------------------------
+
+
+def test_compare_identical_models_agree_perfectly():
+    from ptp.evaluate import compare_on_tokens
+
+    model = tiny_llama()
+    toks = torch.randint(0, VOCAB, (1, 200), generator=torch.Generator().manual_seed(6))
+    a = compare_on_tokens(model, model, toks, 64, progress=False)
+    assert a.kl == pytest.approx(0.0, abs=1e-6) and a.top1 == 1.0
+    assert a.ppl_dense == pytest.approx(perplexity_of_tokens(model, toks, 64, progress=False), rel=1e-6)
+    assert a.windows == 3
+
+
+def test_compare_matches_direct_kl_and_top1():
+    # Reference: full-vocabulary float64 KL(P||Q) with P the dense model, positions 0..L-2.
+    from ptp.evaluate import compare_on_tokens
+
+    dense, pruned = tiny_llama(seed=0), tiny_llama(seed=0)
+    with torch.no_grad():  # a flatter copy with some weights zeroed: KL(P||Q) != KL(Q||P)
+        pruned.lm_head.weight.mul_(0.4)
+        pruned.model.layers[0].mlp.down_proj.weight[:, ::2] = 0
+    toks = torch.randint(0, VOCAB, (1, 130), generator=torch.Generator().manual_seed(8))
+    wins = toks[:, :128].view(2, 64)
+    with torch.no_grad():
+        p = dense(wins).logits[:, :-1].double().log_softmax(-1)
+        q = pruned(wins).logits[:, :-1].double().log_softmax(-1)
+    kl_pq = (p.exp() * (p - q)).sum(-1).mean().item()
+    kl_qp = (q.exp() * (q - p)).sum(-1).mean().item()
+    top1 = (p.argmax(-1) == q.argmax(-1)).double().mean().item()
+    a = compare_on_tokens(pruned, dense, toks, 64, batch_size=2, progress=False)
+    assert a.kl == pytest.approx(kl_pq, rel=1e-4)
+    assert abs(kl_pq - kl_qp) > 0.05 * kl_pq  # the direction is actually tested
+    assert a.top1 == pytest.approx(top1) and 0 < a.top1 < 1
+    assert a.ppl_pruned == pytest.approx(perplexity_of_tokens(pruned, toks, 64, progress=False), rel=1e-5)
+
+
+# --- evaluation texts ---------------------------------------------------------------
+
+
+def fake_datasets_cache(cache, repo, config, split_rows, data_files=None):
+    """Write ``repo`` into a ``datasets`` cache the way an online ``load_dataset`` leaves it.
+
+    Offline, ``load_dataset(repo, config, data_files=...)`` looks for
+    ``<cache>/<ns>___<name>/<config id>/<version>/<hash>/`` with ``dataset_info.json`` and
+    ``<name>-<split>.arrow``; the config id depends on the call's ``data_files``.
+    """
+    import glob
+    import json
+    import shutil
+
+    import datasets
+    from datasets.packaged_modules.json.json import Json
+
+    src = cache / "src"
+    src.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for split, rows in split_rows.items():
+        files[split] = str(src / f"{split}.jsonl")
+        (src / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    build = cache / "build"
+    Json(cache_dir=str(build), dataset_name=repo.split("/")[-1], hash="0" * 16, data_files=files).download_and_prepare()
+    kwargs = {"data_files": data_files} if data_files else {}
+    config_id = datasets.BuilderConfig(config or "default").create_config_id(config_kwargs=kwargs)
+    built = next(p for p in glob.glob(str(build / "*" / "*" / "*" / "*")) if Path(p).is_dir())
+    dest = cache / "datasets" / repo.replace("/", "___") / config_id / "0.0.0" / ("0" * 16)
+    shutil.copytree(built, dest)
+    info = json.loads((dest / "dataset_info.json").read_text())
+    (dest / "dataset_info.json").write_text(json.dumps({**info, "config_name": config_id}))
+    shutil.rmtree(build), shutil.rmtree(src)
+
+
+@pytest.fixture
+def offline_datasets(tmp_path, monkeypatch):
+    """An empty, offline ``datasets`` cache under tmp_path."""
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
+    return tmp_path
+
+
+def test_eval_recipes_load_offline_from_datasets_cache(offline_datasets):
+    from ptp.evaluate import EVAL_TEXTS, load_eval_text
+
+    wt, c4, ptb = EVAL_TEXTS["wikitext2"], EVAL_TEXTS["c4"], EVAL_TEXTS["ptb"]
+    fake_datasets_cache(offline_datasets, wt.path, wt.name, {
+        "test": [{"text": ""}, {"text": " = T = \n"}, {"text": " a b \n"}], "train": [{"text": "never"}],
+    })
+    docs = [{"text": f"doc{i}"} for i in range(1105)]
+    fake_datasets_cache(offline_datasets, c4.path, c4.name, {"validation": docs}, data_files=c4.data_files)
+    fake_datasets_cache(offline_datasets, ptb.path, ptb.name, {"test": [{"sentence": "x y"}, {"sentence": "z"}]})
+
+    assert load_eval_text("wikitext2")[0] == "\n\n = T = \n\n\n a b \n"  # test split, "\n\n"-joined
+    text, recipe = load_eval_text("c4")
+    assert text.split(" ") == [f"doc{i}" for i in range(1100)] and recipe.max_windows == 256
+    assert load_eval_text("ptb")[0] == "x y z"
+
+
+def test_c4_keeps_first_256_windows(offline_datasets):
+    from ptp.evaluate import EVAL_TEXTS, eval_tokens
+
+    c4 = EVAL_TEXTS["c4"]
+    fake_datasets_cache(offline_datasets, c4.path, c4.name, {"validation": [{"text": "w1 w2 w3"}] * 1200},
+                        data_files=c4.data_files)
+    ids = eval_tokens(word_tokenizer(), "c4", seqlen=4)
+    assert ids.shape == (1, 256 * 4)
+
+
+def test_local_file_read_with_universal_newlines(tmp_path):
+    # A CRLF file must give the tokens of the LF text (the papers' "\n\n".join of rows).
+    from ptp.evaluate import eval_tokens, load_eval_text
+
+    (tmp_path / "crlf.txt").write_bytes(b"w1 w2\r\n\r\nw3\r\n")
+    assert load_eval_text(tmp_path / "crlf.txt") == ("w1 w2\n\nw3\n", None)
+    assert eval_tokens(word_tokenizer(), tmp_path / "crlf.txt", 2).tolist() == [[3, 4, 5]]
+
+
+def test_perplexity_api_on_file_equals_tokens_path(tmp_path):
+    from ptp.config import ConfigError
+    from ptp.evaluate import perplexity
+
+    model, tok = tiny_llama(), word_tokenizer()
+    words = " ".join(f"w{i % 40}" for i in range(0, 700, 3))
+    (tmp_path / "t.txt").write_text(words)
+    ids = tok(words, return_tensors="pt").input_ids
+    got = perplexity(model, tok, tmp_path / "t.txt", seqlen=32, limit=5, progress=False)
+    assert got == pytest.approx(perplexity_of_tokens(model, ids, 32, limit=5, progress=False))
+    with pytest.raises(ConfigError, match="max_position_embeddings"):
+        perplexity(model, tok, tmp_path / "t.txt", seqlen=512)
+    with pytest.raises(ConfigError, match="nor a file"):
+        perplexity(model, tok, tmp_path / "missing.txt", seqlen=32)
