@@ -17,7 +17,7 @@ def unstructured_mask(score: torch.Tensor, ratio: float, per_row: bool = False) 
     score: [rows, cols]. ``per_row=False`` ranks the whole matrix at once (magnitude pruning);
     ``per_row=True`` ranks each output row separately, removing ``floor(ratio * cols)`` per row (Wanda).
     """
-    keep = torch.ones_like(score, dtype=torch.bool)
+    keep = torch.ones(score.shape, dtype=torch.bool, device=score.device)  # contiguous, unlike ones_like
     if per_row:
         k = int(ratio * score.shape[1])
         if k:
@@ -38,7 +38,7 @@ def nm_mask(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
     if cols % m:
         raise ValueError(f"{cols} columns are not a multiple of M={m}")
     groups = score.reshape(rows, cols // m, m)
-    keep = torch.zeros_like(groups, dtype=torch.bool)
+    keep = torch.zeros(groups.shape, dtype=torch.bool, device=score.device)
     keep.scatter_(2, torch.topk(groups, n, dim=2, sorted=False).indices, True)
     return keep.reshape(rows, cols)
 

@@ -50,7 +50,7 @@ def sparsegpt(
     it. Input columns that never fired (diag H = 0) are zeroed.
     Returns (pruned weight in weight's dtype, keep mask [out, in]).
     """
-    W = weight.detach().float().clone()
+    W = weight.detach().float().clone(memory_format=torch.contiguous_format)  # Conv1D passes a transposed view
     H = hessian.float().clone()
     rows, cols = W.shape
     dead = H.diagonal() == 0

