@@ -261,11 +261,23 @@ def self_calibration(model, tokenizer, nsamples: int, seqlen: int, seed: int) ->
             for first in range(0, nsamples, SELF_BATCH):
                 count = min(SELF_BATCH, nsamples - first)
                 prompt = torch.full((count, 1), start, dtype=torch.long, device=device)
+                bar.update(count)  # the start token
                 out = model.generate(
                     prompt, attention_mask=torch.ones_like(prompt), do_sample=True,
                     temperature=SELF_TEMPERATURE, top_p=SELF_TOP_P, top_k=0,
                     max_new_tokens=seqlen - 1, min_new_tokens=seqlen - 1, pad_token_id=pad,
+                    logits_processor=[_Progress(bar, count)],
                 )
                 samples.append(out[:, :seqlen].cpu())
-                bar.update(count * seqlen)
     return torch.cat(samples).long()
+
+
+class _Progress:
+    """A logits processor that changes nothing and advances the progress bar once per step."""
+
+    def __init__(self, bar, rows: int):
+        self.bar, self.rows = bar, rows
+
+    def __call__(self, input_ids, scores):
+        self.bar.update(self.rows)
+        return scores
