@@ -364,7 +364,9 @@ def _weight_bytes(model: nn.Module) -> int:
     """Bytes of parameters and buffers (a semi-structured weight counts its packed storage)."""
     total = 0
     for t in list(model.parameters()) + list(model.buffers()):
-        inner = [getattr(t, a) for a in ("packed", "meta") if isinstance(getattr(t, a, None), torch.Tensor)]
+        # A semi-structured weight holds its kept values and metadata, and (CUTLASS) their transposes.
+        parts = ("packed", "meta", "packed_t", "meta_t")
+        inner = [getattr(t, a) for a in parts if isinstance(getattr(t, a, None), torch.Tensor)]
         total += sum(x.numel() * x.element_size() for x in inner) if inner else t.numel() * t.element_size()
     return total
 
