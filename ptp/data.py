@@ -32,7 +32,7 @@ BUILDERS = {".txt": "text", ".jsonl": "json", ".parquet": "parquet"}
 # rare tokens, which otherwise derails a small model into unreadable text.
 SELF_TEMPERATURE = 1.0
 SELF_TOP_P = 0.95
-SELF_BATCH = 8
+SELF_BATCH = 16
 
 
 def random_windows(token_ids: torch.Tensor, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
