@@ -118,8 +118,11 @@ def run_prune(args) -> int:
                     )
     limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
     seqlen = args.seqlen or min(2048, limit or 2048)
+    if args.calib == "self" and args.device:
+        model.to(args.device)  # sampling runs the whole model; do it where the user asked to compute
     tokens = data.calibration_batches(args.calib, tokenizer, args.nsamples, seqlen, args.seed,
                                       model=model, text_field=args.text_field)
+    model.to("cpu")  # the engine moves one block at a time to the device
     report = prune(model, tokens, config)
 
     meta = {
@@ -132,6 +135,7 @@ def run_prune(args) -> int:
                         "text_field": args.text_field},
         "config": config.to_dict(),
         "arguments": {k: v for k, v in vars(args).items() if k != "func"},
+        "total_wall_time_s": time.perf_counter() - start,  # load + calibration + pruning
     }
     record = io.save(model, tokenizer, args.out, report=report, sparsity=config.sparsity, meta=meta,
                      format=args.format, overwrite=args.overwrite, verify=not args.no_verify)
