@@ -8,6 +8,7 @@ the chosen solver, then run the block again so the next block sees the *pruned* 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -149,24 +150,94 @@ def capture_block_inputs(model, blocks, tokens: torch.Tensor, batch_size: int, d
     return torch.cat(hidden), batch_kwargs
 
 
-def run_block(block, hidden: torch.Tensor, batch_kwargs, batch_size: int, out: torch.Tensor | None = None):
-    """Forward every batch of ``hidden`` [n, L, d] through ``block``; write into ``out`` if given."""
-    for b, (args, kwargs) in enumerate(batch_kwargs):
+def run_block(block, hidden: torch.Tensor, batch_kwargs, batch_size: int, batches=None, write=True) -> None:
+    """Forward batches of ``hidden`` [n, L, d] through ``block``. With ``write``, overwrite each
+    batch with its output (a batch's input is dead once its output exists: one buffer serves both)."""
+    for b in range(len(batch_kwargs)) if batches is None else batches:
+        args, kwargs = batch_kwargs[b]
         sl = slice(b * batch_size, (b + 1) * batch_size)
         result = block(hidden[sl], *args, **kwargs)
-        if out is not None:
-            out[sl] = result[0] if isinstance(result, (tuple, list)) else result
+        if write:
+            hidden[sl] = result[0] if isinstance(result, (tuple, list)) else result
 
 
 # --------------------------------------------------------------------------- pruning
+
+
+class _Abort(Exception):
+    pass
+
+
+class Lockstep:
+    """Runs every calibration batch through a block in lockstep, pausing them all at chosen points.
+
+    Each batch runs in its own thread, but only one thread runs at any moment (no
+    oversubscription of the cores, and a fixed, deterministic order). ``pause(point)``, called from
+    a hook, hands control to the next batch; once every batch has paused at the same point,
+    ``at_barrier(point)`` runs (it prunes the layers there) and the batches resume in order.
+    So true-sequential pruning costs one pass over the data, not one pass per group of layers.
+    """
+
+    def __init__(self, nbatches: int):
+        self.turns = [threading.Semaphore(0) for _ in range(nbatches)]
+        self.back = threading.Semaphore(0)
+        self.local = threading.local()
+        self.points: list = [None] * nbatches  # where each batch paused; None once it has finished
+        self.error: BaseException | None = None
+        self.aborted = False
+
+    def pause(self, point) -> None:
+        b = self.local.batch
+        self.points[b] = point
+        self.back.release()
+        self.turns[b].acquire()
+        if self.aborted:
+            raise _Abort
+
+    def _main(self, b: int, work) -> None:
+        self.local.batch = b
+        self.turns[b].acquire()
+        try:
+            if not self.aborted:
+                with torch.no_grad():  # grad mode is per thread
+                    work(b)
+        except _Abort:
+            pass
+        except BaseException as err:  # handed to the main thread, which re-raises it
+            self.error = err
+        self.points[b] = None
+        self.back.release()
+
+    def run(self, work, at_barrier) -> None:
+        """Call ``work(b)`` for every batch b, stopping at each common pause point."""
+        threads = [threading.Thread(target=self._main, args=(b, work), daemon=True) for b in range(len(self.turns))]
+        for thread in threads:
+            thread.start()
+        running = list(range(len(threads)))
+        try:
+            while running:
+                for b in running:
+                    self.turns[b].release()
+                    self.back.acquire()
+                    if self.error is not None:
+                        raise self.error
+                running = [b for b in running if self.points[b] is not None]
+                if running:
+                    points = {self.points[b] for b in running}
+                    if len(running) < len(threads) or len(points) > 1:
+                        raise RuntimeError(f"calibration batches took different paths through the block: {points}")
+                    at_barrier(points.pop())
+        finally:
+            self.aborted = True
+            for b in running:
+                self.turns[b].release()
 
 
 def input_groups(block, layers: dict[str, nn.Module], hidden, batch_kwargs) -> list[list[str]]:
     """Layers grouped by the input they share, in execution order, e.g. [[q, k, v], [o], [gate, up], [down]].
 
     Found by running one sample through the block: consecutive calls on the same input tensor
-    form a group. Layers in a group share one set of statistics, and true-sequential pruning
-    handles one group at a time.
+    form a group. Layers in a group share one set of statistics.
     """
     order: list[tuple[str, torch.Tensor]] = []
     hooks = [
@@ -204,30 +275,13 @@ def _first_sample(kwargs: dict) -> dict:
     return out
 
 
-def collect_stats(block, layers, groups, hidden, batch_kwargs, config: PruneConfig, device) -> dict:
-    """Run the calibration activations through ``block``; return each layer's input statistics.
-
-    One accumulator per input group (q, k, v see the same input and share it).
-    """
-    stats, hooks = {}, []
-    for group in groups:
-        first = layers[group[0]]
-        columns = weight_matrix(first).shape[1]
-        acc = {"hessian": Hessian(columns, device, None if config.method == "sparsegpt" else ERROR_TOKENS)}
-        if config.method == "wanda":
-            acc["norms"] = InputNorms(columns, device)
-
-        def accumulate(module, args, acc=acc):
-            for accumulator in acc.values():
-                accumulator.add(args[0])
-
-        hooks.append(first.register_forward_pre_hook(accumulate))
-        stats.update({name: acc for name in group})
-    try:
-        run_block(block, hidden, batch_kwargs, config.batch_size)
-    finally:
-        for hook in hooks:
-            hook.remove()
+def new_stats(layer: nn.Module, config: PruneConfig, device) -> dict:
+    """The accumulators one input group needs: a Hessian (all tokens for SparseGPT; a sample,
+    for the error report, otherwise) and, for Wanda, the input norms."""
+    columns = weight_matrix(layer).shape[1]
+    stats = {"hessian": Hessian(columns, device, None if config.method == "sparsegpt" else ERROR_TOKENS)}
+    if config.method == "wanda":
+        stats["norms"] = InputNorms(columns, device)
     return stats
 
 
@@ -242,29 +296,54 @@ def solve(weight: torch.Tensor, stats: dict, config: PruneConfig) -> torch.Tenso
     return pruned
 
 
+def prune_layer(name: str, layer: nn.Module, stats: dict, config: PruneConfig) -> LayerReport:
+    start = time.perf_counter()
+    weight = weight_matrix(layer)
+    pruned = solve(weight.data, stats, config)
+    error = relative_error(weight.data, pruned, stats["hessian"].hessian)
+    weight.data.copy_(pruned)
+    return LayerReport(name, float((pruned == 0).float().mean()), error, time.perf_counter() - start)
+
+
 def prune_block(block, layers, hidden, batch_kwargs, config: PruneConfig, device) -> list[LayerReport]:
-    """Prune every layer of one block in place; statistics come from ``hidden`` [n, L, d]."""
+    """Prune every layer of one block in place, then overwrite ``hidden`` [n, L, d] with the
+    pruned block's outputs.
+
+    Default (both papers' code): every layer's statistics come from the dense block; then the
+    block runs again with pruned weights. ``true_sequential``: each group of layers sees the
+    inputs produced by the already-pruned groups before it, in one lockstep pass (``Lockstep``).
+    """
     groups = input_groups(block, layers, hidden, batch_kwargs)
-    # Non-sequential: every layer's statistics come from the dense block, as in both papers' code.
-    stages = [[name for group in groups for name in group]] if not config.true_sequential else groups
-    reports = []
-    for stage in stages:
-        stage_layers = {name: layers[name] for name in stage}
-        stats = collect_stats(block, stage_layers, _regroup(groups, stage), hidden, batch_kwargs, config, device)
-        for name, layer in stage_layers.items():
-            start = time.perf_counter()
-            weight = weight_matrix(layer)
-            pruned = solve(weight.data, stats[name], config)
-            error = relative_error(weight.data, pruned, stats[name]["hessian"].hessian)
-            weight.data.copy_(pruned)
-            reports.append(
-                LayerReport(name, float((pruned == 0).float().mean()), error, time.perf_counter() - start)
-            )
+    stats = {tuple(group): new_stats(layers[group[0]], config, device) for group in groups}
+    reports: list[LayerReport] = []
+
+    def prune_group(group):
+        reports.extend(prune_layer(name, layers[name], stats[group], config) for name in group)
+
+    lockstep = Lockstep(len(batch_kwargs)) if config.true_sequential else None
+    hooks = []
+    for group in stats:
+
+        def accumulate(module, args, group=group):
+            for accumulator in stats[group].values():
+                accumulator.add(args[0])
+            if lockstep is not None:
+                lockstep.pause(group)
+
+        hooks.append(layers[group[0]].register_forward_pre_hook(accumulate))
+    try:
+        if lockstep is None:
+            run_block(block, hidden, batch_kwargs, config.batch_size, write=False)
+        else:
+            lockstep.run(lambda b: run_block(block, hidden, batch_kwargs, config.batch_size, [b]), prune_group)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    if lockstep is None:
+        for group in stats:
+            prune_group(group)
+        run_block(block, hidden, batch_kwargs, config.batch_size)
     return reports
-
-
-def _regroup(groups: list[list[str]], names: list[str]) -> list[list[str]]:
-    return [[n for n in group if n in names] for group in groups if any(n in names for n in group)]
 
 
 def _check_widths(layers: dict[str, nn.Module], config: PruneConfig) -> None:
@@ -321,15 +400,13 @@ def prune(model: nn.Module, batches, config: PruneConfig) -> PruneReport:
     _move_outside_blocks(model, blocks, device)
     try:
         hidden, batch_kwargs = capture_block_inputs(model, blocks, tokens, config.batch_size, device)
-        out = torch.empty_like(hidden)
         show = logger.getEffectiveLevel() <= logging.INFO
         for i, block in enumerate(tqdm(blocks, desc=f"{config.method} {config.sparsity}", disable=not show)):
             block.to(device)
             if all_layers[i]:
                 report.layers += prune_block(block, all_layers[i], hidden, batch_kwargs, config, device)
-            if i + 1 < len(blocks):  # the last block's outputs feed nothing we prune
-                run_block(block, hidden, batch_kwargs, config.batch_size, out)
-                hidden, out = out, hidden
+            else:
+                run_block(block, hidden, batch_kwargs, config.batch_size)
             block.to(home)
     finally:
         _move_outside_blocks(model, blocks, home)
