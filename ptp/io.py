@@ -130,8 +130,11 @@ def check_out_dir(out: str | Path, overwrite: bool = False) -> Path:
     out = Path(out).expanduser().absolute()
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output {out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise ConfigError(f"output directory {out} is not empty; pass --overwrite to replace it")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise ConfigError(f"output directory {out} is not empty; pass --overwrite to replace it")
+        if not (out / "ptp.json").is_file():  # --overwrite deletes DIR: only ever one ptp wrote
+            raise ConfigError(f"refusing to overwrite {out}: it has files but no ptp.json, so ptp did not write it")
     ancestor = out.parent
     while not ancestor.exists():
         ancestor = ancestor.parent
