@@ -1,5 +1,7 @@
 """The engine end to end on tiny random models of four families, against a brute-force driver."""
 
+import time
+
 import pytest
 import torch
 
@@ -191,3 +193,65 @@ def test_explicit_blocks_path():
     model = tiny_model("opt")
     assert find_blocks(model)[0] == "model.decoder.layers"
     assert find_blocks(model, "model.decoder.layers")[1] is model.model.decoder.layers
+
+
+def count_block_calls(model, config, calib):
+    _, blocks = find_blocks(model)
+    calls = []
+    hooks = [b.register_forward_pre_hook(lambda m, a, i=i: calls.append(i)) for i, b in enumerate(blocks)]
+    ptp.prune(model, calib, config)
+    for h in hooks:
+        h.remove()
+    return [calls.count(i) for i in range(len(blocks))]
+
+
+def test_passes_over_the_data():
+    calib = tokens(6, 16)  # 3 batches of 2
+    # Block 0 is also entered once per batch while its inputs are captured; +1 is the probe
+    # that finds which layers share an input.
+    seq = count_block_calls(tiny_model(), ptp.PruneConfig(true_sequential=True, batch_size=2), calib)
+    assert seq == [3 + 1 + 3, 1 + 3, 1 + 3]
+    default = count_block_calls(tiny_model(), ptp.PruneConfig(batch_size=2), calib)
+    assert default == [3 + 1 + 6, 1 + 6, 1 + 6]
+
+
+def test_lockstep_propagates_errors_and_stops_threads():
+    import threading
+
+    from ptp.engine import Lockstep
+
+    before = threading.active_count()
+    lockstep = Lockstep(3)
+    seen = []
+
+    def work(b):
+        seen.append((b, "a"))
+        lockstep.pause("a")
+        seen.append((b, "b"))
+        if b == 1:
+            raise ValueError("boom")
+        lockstep.pause("b")
+
+    barriers = []
+    with pytest.raises(ValueError, match="boom"):
+        lockstep.run(work, barriers.append)
+    assert barriers == ["a"]
+    assert seen[:4] == [(0, "a"), (1, "a"), (2, "a"), (0, "b")]
+    time.sleep(0.1)
+    assert threading.active_count() == before
+
+
+def test_solver_failure_mid_block_leaves_no_threads_running(monkeypatch):
+    import threading
+
+    import ptp.engine
+
+    def failing_solve(weight, stats, config):
+        raise torch.linalg.LinAlgError("simulated")
+
+    monkeypatch.setattr(ptp.engine, "solve", failing_solve)
+    before = threading.active_count()
+    with pytest.raises(torch.linalg.LinAlgError, match="simulated"):
+        ptp.prune(tiny_model(), tokens(4, 8), ptp.PruneConfig(true_sequential=True, batch_size=1))
+    time.sleep(0.1)
+    assert threading.active_count() == before
