@@ -183,8 +183,198 @@ def run_export(args) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- eval / bench / report
+
+
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _load_for_eval(args, name: str):
+    from . import io
+
+    return io.load_model(name, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
+                         device=args.device or _default_device())
+
+
+def _write_md(args, text: str, default_name: str) -> Path:
+    """The markdown table goes to --md, else next to a local MODEL directory, else to cwd."""
+    if args.md:
+        path = Path(args.md)
+    elif Path(args.model).is_dir():
+        path = Path(args.model) / default_name
+    else:
+        path = Path(default_name)
+    try:
+        path.write_text(text + "\n")
+    except OSError as err:
+        raise ConfigError(f"cannot write the markdown report {path}: {err.strerror}") from None
+    return path
+
+
+def _csv(value: str | None) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()] if value else []
+
+
+def _common_model_args(p) -> None:
+    p.add_argument("--dtype", default="auto", help="auto, float32, float16 or bfloat16")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub")
+    p.add_argument("--md", default=None, metavar="PATH",
+                   help="write the markdown table here (default: into MODEL if it is a directory, else the cwd)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or info logs")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+
+
+def add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="perplexity, lm-eval tasks, and agreement with the dense model",
+                       description="Evaluate MODEL. Without --ppl or --tasks, --ppl wikitext2.")
+    p.add_argument("model", help="hub ID, local model directory, .gguf file, or smollm2-135m")
+    p.add_argument("--ppl", default=None, metavar="SOURCES",
+                   help="comma-separated: wikitext2, c4, ptb (through datasets) or paths of text files")
+    p.add_argument("--seqlen", type=int, default=None, help="window length (default: min(2048, model max))")
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the first K windows")
+    p.add_argument("--batch-size", type=int, default=1, help="windows per forward pass")
+    p.add_argument("--compare", default=None, metavar="DENSE",
+                   help="also report KL(dense||model) and top-1 agreement on the --ppl windows")
+    p.add_argument("--tasks", default=None, help="comma-separated lm-eval tasks (arc_easy,hellaswag,...)")
+    p.add_argument("--include-path", default=None, metavar="DIR", help="directory of local lm-eval task YAMLs")
+    p.add_argument("--num-fewshot", type=int, default=None, help="lm-eval few-shot examples")
+    p.add_argument("--task-limit", type=float, default=None, help="lm-eval: only the first N documents per task")
+    _common_model_args(p)
+    p.set_defaults(func=run_eval)
+
+
+def run_eval(args) -> int:
+    from . import evaluate
+
+    _quiet_libraries(args)
+    sources = _csv(args.ppl) or ([] if args.tasks else ["wikitext2"])
+    if args.compare and not sources:
+        raise ConfigError("--compare needs --ppl SOURCE: the windows to compare the two models on")
+    if args.include_path and not Path(args.include_path).is_dir():
+        raise ConfigError(f"--include-path {args.include_path} is not a directory")
+    for source in sources:  # before minutes of model loading
+        evaluate.check_source(source)
+    model, tokenizer = _load_for_eval(args, args.model)
+    dense = _load_for_eval(args, args.compare)[0] if args.compare else None
+    limit = getattr(model.config, "max_position_embeddings", None) or 2048
+    seqlen = args.seqlen or min(2048, limit)
+    evaluate.check_seqlen(model, seqlen)
+    progress = not args.quiet
+    summary: dict = {"model": args.model, "seqlen": seqlen, "limit": args.limit, "perplexity": {}}
+    lines = ["| source | perplexity | dense perplexity | KL(dense‖model) | top-1 agreement |", "|---|---|---|---|---|"]
+    for source in sources:
+        tokens = evaluate.eval_tokens(tokenizer, source, seqlen)
+        if dense is None:
+            ppl = evaluate.perplexity_of_tokens(model, tokens, seqlen, args.limit, args.batch_size, progress)
+            summary["perplexity"][source] = ppl
+            lines.append(f"| {source} | {ppl:.4f} | | | |")
+        else:
+            a = evaluate.compare_on_tokens(model, dense, tokens, seqlen, args.limit, args.batch_size, progress)
+            summary["perplexity"][source] = a.ppl_pruned
+            summary.setdefault("compare", {"dense": args.compare})[source] = a.to_dict()
+            lines.append(f"| {source} | {a.ppl_pruned:.4f} | {a.ppl_dense:.4f} | {a.kl:.4f} | {a.top1:.4f} |")
+    if args.tasks:
+        summary["tasks"] = evaluate.evaluate_tasks(
+            model, tokenizer, _csv(args.tasks), include_path=args.include_path, num_fewshot=args.num_fewshot,
+            limit=int(args.task_limit) if args.task_limit and args.task_limit >= 1 else args.task_limit,
+            batch_size=args.batch_size,
+        )
+        lines += ["", "| task | metric | value |", "|---|---|---|"]
+        lines += [f"| {t} | {k} | {v:.4f} |" for t, ms in summary["tasks"].items() for k, v in ms.items()]
+    if not sources:
+        lines = lines[3:]  # tasks only: drop the empty perplexity table
+    table = f"`{args.model}`, windows of {seqlen} tokens" + (f", first {args.limit}" if args.limit else "")
+    text = table + "\n\n" + "\n".join(lines)
+    summary["markdown"] = str(_write_md(args, text, "eval.md"))
+    _emit(args, summary, [text])
+    return 0
+
+
+def _shapes(value: str) -> tuple[tuple[int, int], ...]:
+    """``1x128,4x128`` -> ((1, 128), (4, 128))."""
+    try:
+        return tuple((int(b), int(n)) for b, n in (s.lower().split("x") for s in _csv(value)))
+    except ValueError:
+        raise ConfigError(f"--prefill takes BATCHxLENGTH shapes like 1x128,4x128; got {value!r}") from None
+
+
+def add_bench(sub) -> None:
+    from .bench import DECODE_BATCHES, DECODE_PROMPT, NEW_TOKENS, PREFILL_SHAPES
+
+    p = sub.add_parser("bench", help="prefill and decode throughput, interleaved with the dense model",
+                       description="Measure MODEL's tokens/s (and DENSE's in the same run with --compare).")
+    p.add_argument("model", help="hub ID, local model directory, .gguf file, or smollm2-135m")
+    p.add_argument("--compare", default=None, metavar="DENSE", help="the dense original, measured interleaved")
+    p.add_argument("--prefill", default=",".join(f"{b}x{n}" for b, n in PREFILL_SHAPES),
+                   help="prefill shapes BATCHxLENGTH (default %(default)s)")
+    p.add_argument("--decode-batches", default=",".join(map(str, DECODE_BATCHES)),
+                   help="decode batch sizes (default %(default)s)")
+    p.add_argument("--prompt-len", type=int, default=DECODE_PROMPT, help="decode prompt length (default %(default)s)")
+    p.add_argument("--new-tokens", type=int, default=NEW_TOKENS, help="decode steps timed (default %(default)s)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs per shape and model (default %(default)s)")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs; the median is reported (default %(default)s)")
+    p.add_argument("--no-2-4-kernels", action="store_true", help="CUDA: skip the semi-structured 2:4 variant")
+    _common_model_args(p)
+    p.set_defaults(func=run_bench)
+
+
+def run_bench(args) -> int:
+    from .bench import throughput
+
+    _quiet_libraries(args)
+    shapes = _shapes(args.prefill)
+    try:
+        decode = tuple(int(b) for b in _csv(args.decode_batches))
+    except ValueError:
+        raise ConfigError(f"--decode-batches must be integers like 1,8; got {args.decode_batches!r}") from None
+    if min([args.repeats, args.new_tokens, args.prompt_len, *decode, *(x for s in shapes for x in s)]) < 1:
+        raise ConfigError("shapes, batches, --prompt-len, --new-tokens and --repeats must be positive")
+    model = _load_for_eval(args, args.model)[0]
+    models = {"dense": _load_for_eval(args, args.compare)[0], "pruned": model} if args.compare else {"model": model}
+    report = throughput(models, prefill_shapes=shapes, decode_batches=decode, prompt_len=args.prompt_len,
+                        new_tokens=args.new_tokens, warmup=args.warmup, repeats=args.repeats,
+                        semi_structured=not args.no_2_4_kernels)
+    text = report.markdown()
+    summary = {"model": args.model, "compare": args.compare, **report.to_dict()}
+    summary["markdown"] = str(_write_md(args, text, "bench.md"))
+    _emit(args, summary, [text])
+    return 0
+
+
+def add_report(sub) -> None:
+    p = sub.add_parser("report", help="per-block sparsity and reconstruction error of a pruned directory",
+                       description="Summarise DIR/ptp.json as DIR/report.md (and DIR/layers.png with --plot).")
+    p.add_argument("dir", help="a directory written by ptp prune")
+    p.add_argument("--plot", action="store_true", help="also draw DIR/layers.png (matplotlib)")
+    p.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.set_defaults(func=run_report)
+
+
+def run_report(args) -> int:
+    from . import report
+
+    record = report.load_record(args.dir)
+    text = report.markdown(record)
+    folder = Path(args.dir)
+    try:
+        (folder / "report.md").write_text(text + "\n")
+        png = str(report.plot(record, folder / "layers.png")) if args.plot else None
+    except OSError as err:
+        raise ConfigError(f"cannot write into {folder}: {err.strerror}") from None
+    summary = {"dir": str(folder), "markdown": str(folder / "report.md"), "plot": png,
+               "blocks": report.by_block(report.layer_rows(record))}
+    _emit(args, summary, [text] + ([f"\nplot: {png}"] if png else []))
+    return 0
+
+
 COMMANDS: list = []
 COMMANDS += [add_prune, add_export]
+COMMANDS += [add_eval, add_bench, add_report]
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -169,6 +169,12 @@ def read_text_file(path: str | Path) -> str:
     return Path(path).read_text(encoding="utf-8")
 
 
+def check_source(source: str | Path) -> None:
+    """Refuse a source that is neither a named split nor an existing file (cheap, no loading)."""
+    if str(source) not in EVAL_TEXTS and not Path(source).is_file():
+        raise ConfigError(f"unknown evaluation text {str(source)!r}: not one of {sorted(EVAL_TEXTS)} nor a file")
+
+
 def load_eval_text(source: str | Path) -> tuple[str, EvalText | None]:
     """(text, recipe) for a named split (``wikitext2``, ``c4``, ``ptb``) or a local text file.
 
@@ -183,10 +189,8 @@ def load_eval_text(source: str | Path) -> tuple[str, EvalText | None]:
         rows = datasets.load_dataset(recipe.path, recipe.name, split=recipe.split, **kwargs)[recipe.field]
         rows = list(rows[: recipe.max_rows] if recipe.max_rows else rows)
         return recipe.sep.join(rows), recipe
-    path = Path(source)
-    if not path.is_file():
-        raise ConfigError(f"unknown evaluation text {str(source)!r}: not one of {sorted(EVAL_TEXTS)} nor a file")
-    return read_text_file(path), None
+    check_source(source)
+    return read_text_file(source), None
 
 
 def eval_tokens(tokenizer, source: str | Path, seqlen: int) -> torch.Tensor:

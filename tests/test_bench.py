@@ -7,6 +7,9 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from ptp import bench
+from tests.lm_dirs import one_thread  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only spin
 
 SMALL = dict(prefill_shapes=((1, 8), (2, 16)), decode_batches=(1, 2), prompt_len=4, new_tokens=3, warmup=1, repeats=3)
 

@@ -10,6 +10,9 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from ptp.evaluate import chunked_nll, perplexity_of_tokens, windows
+from tests.lm_dirs import one_thread  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only spin
 
 VOCAB = 96
 

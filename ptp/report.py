@@ -1,0 +1,108 @@
+"""What a prune did, block by block: markdown tables and a plot from a run's ``ptp.json``.
+
+``ptp.json`` (written by ``ptp prune``) holds, per pruned layer, its full name, achieved
+sparsity, relative reconstruction error ‖WX − W'X‖²/‖WX‖² on the calibration inputs, and
+seconds. Layers are grouped by decoder block (the first integer in the name:
+``model.layers.3.mlp.down_proj`` -> block 3, kind ``mlp.down_proj``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import defaultdict
+from pathlib import Path
+
+from .config import ConfigError
+
+BLOCK = re.compile(r"\.(\d+)\.(.+)$")
+
+
+def load_record(folder: str | Path) -> dict:
+    """The ``ptp.json`` of a ptp output directory (or the path of the file itself)."""
+    path = Path(folder)
+    path = path / "ptp.json" if path.is_dir() else path
+    if not path.is_file():
+        raise ConfigError(f"no ptp.json in {folder}: not a directory written by ptp prune")
+    return json.loads(path.read_text())
+
+
+def layer_rows(record: dict) -> list[dict]:
+    """The per-layer entries ``{name, sparsity, error, seconds}``, wherever the record keeps them."""
+    layers = record.get("layers") or record.get("report", {}).get("layers")
+    if not layers:
+        raise ConfigError("ptp.json has no per-layer report (was the model pruned by ptp?)")
+    return layers
+
+
+def split_name(name: str) -> tuple[int, str]:
+    """``model.layers.3.mlp.down_proj`` -> (3, "mlp.down_proj"); (-1, name) without a block index."""
+    match = BLOCK.search(name)
+    return (int(match.group(1)), match.group(2)) if match else (-1, name)
+
+
+def by_block(layers: list[dict]) -> list[dict]:
+    """One summary per block, in block order: mean sparsity and error over its layers,
+    the worst layer, and the seconds spent. (Means are over layers, unweighted by size.)"""
+    groups: dict[int, list[dict]] = defaultdict(list)
+    for layer in layers:
+        groups[split_name(layer["name"])[0]].append(layer)
+    rows = []
+    for block in sorted(groups):
+        members = groups[block]
+        worst = max(members, key=lambda l: l["error"])
+        rows.append({
+            "block": block,
+            "layers": len(members),
+            "sparsity": sum(l["sparsity"] for l in members) / len(members),
+            "error": sum(l["error"] for l in members) / len(members),
+            "worst_layer": split_name(worst["name"])[1],
+            "worst_error": worst["error"],
+            "seconds": sum(l.get("seconds", 0.0) for l in members),
+        })
+    return rows
+
+
+def markdown(record: dict) -> str:
+    """A header line for the run and a per-block table."""
+    rows = by_block(layer_rows(record))
+    title = " ".join(str(record.get(k, "")) for k in ("model", "method", "sparsity")).strip()
+    lines = [f"**{title}**" if title else "", "",
+             "| block | layers | sparsity | mean rel. error | worst layer (error) | seconds |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['block']} | {r['layers']} | {r['sparsity']:.4f} | {r['error']:.4g} | "
+                     f"{r['worst_layer']} ({r['worst_error']:.4g}) | {r['seconds']:.1f} |")
+    return "\n".join(lines).lstrip("\n")
+
+
+def plot(record: dict, path: str | Path) -> Path:
+    """Per-block sparsity (top) and reconstruction error (bottom, log scale) as a PNG,
+    one line per layer kind (q_proj, ..., down_proj)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display: write files only
+    import matplotlib.pyplot as plt
+
+    series: dict[str, list[tuple[int, float, float]]] = defaultdict(list)
+    for layer in layer_rows(record):
+        block, kind = split_name(layer["name"])
+        series[kind].append((block, layer["sparsity"], layer["error"]))
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6.5), sharex=True)
+    for kind, points in sorted(series.items()):
+        points.sort()
+        blocks = [p[0] for p in points]
+        top.plot(blocks, [p[1] for p in points], marker=".", label=kind)
+        bottom.plot(blocks, [max(p[2], 1e-12) for p in points], marker=".", label=kind)
+    top.set_ylabel("achieved sparsity")
+    bottom.set_ylabel("‖WX−W'X‖² / ‖WX‖²")
+    bottom.set_yscale("log")
+    bottom.set_xlabel("decoder block")
+    top.legend(fontsize="small", ncol=2)
+    title = " ".join(str(record.get(k, "")) for k in ("model", "method", "sparsity")).strip()
+    fig.suptitle(title or "ptp prune")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
