@@ -6,5 +6,8 @@ from .config import ConfigError, PruneConfig, Sparsity, parse_sparsity
 from .engine import PruneReport, find_blocks, prune
 from .data import calibration_batches, random_windows
 from .io import load, load_model, save
+from .evaluate import compare, evaluate_tasks, perplexity, perplexity_of_tokens
+from .bench import throughput
 
 __all__ = ["ConfigError", "PruneConfig", "PruneReport", "Sparsity", "calibration_batches", "find_blocks", "load", "load_model", "parse_sparsity", "prune", "random_windows", "save"]
+__all__ += ["compare", "evaluate_tasks", "perplexity", "perplexity_of_tokens", "throughput"]
