@@ -60,8 +60,16 @@ def add_prune(sub) -> None:
     p = sub.add_parser("prune", help="prune a model from calibration data and save it",
                        description="Prune MODEL layer by layer and save it to --out (atomically, with ptp.json).")
     p.add_argument("model", help="hub ID (org/name), local model directory, .gguf file, or smollm2-135m")
-    p.add_argument("--method", default=d.method, help="magnitude, wanda or sparsegpt (default %(default)s)")
-    p.add_argument("--sparsity", required=True, help="fraction (0.5, 50%%) or N:M (2:4, 4:8)")
+    p.add_argument("--method", default=d.method,
+                   help="magnitude, wanda, sparsegpt, or structured (remove channels and heads) (default %(default)s)")
+    p.add_argument("--sparsity", default=None, help="fraction (0.5, 50%%) or N:M (2:4, 4:8); required except for structured")
+    p.add_argument("--ratio", type=float, default=None,
+                   help="structured: fraction of each decoder block's parameters to remove (e.g. 0.35)")
+    p.add_argument("--attn-ratio", type=float, default=None,
+                   help="structured: fraction of the key/value head groups to remove (default: --ratio, rounded)")
+    p.add_argument("--importance", default="flap", help="structured: flap, wanda-sp or obs (default %(default)s)")
+    p.add_argument("--compensation", default="ls",
+                   help="structured: ls (least-squares update, standard config), bias or none (default %(default)s)")
     p.add_argument("--calib", default="wikitext2", metavar="SOURCE",
                    help="self, a recipe name in calib/ (wikitext2, c4, ptb), a recipe .json, or a local "
                         ".txt/.jsonl/.parquet file or directory (default %(default)s)")
@@ -94,6 +102,10 @@ def run_prune(args) -> int:
     from . import data, io
     from .engine import find_blocks, linear_layers, weight_matrix, prune
 
+    if args.method.lower() == "structured":
+        return run_prune_structured(args)
+    if args.sparsity is None:
+        raise ConfigError(f"--method {args.method} needs --sparsity")
     start = time.perf_counter()
     _quiet_libraries(args)
     config = PruneConfig(
@@ -155,6 +167,57 @@ def run_prune(args) -> int:
         summary["compression"] = c = record["compression"]
         lines.append(f"compressed: pruned linear weights {c['pruned_weights_ratio']:.3f}x of dense, "
                      f"whole checkpoint {c['checkpoint_ratio']:.3f}x")
+    _emit(args, summary, lines)
+    return 0
+
+
+def run_prune_structured(args) -> int:
+    """``--method structured``: a smaller standard model (``ptp.prune_structured``), saved dense."""
+    from . import data, io
+    from .structured import check_options, prune_structured
+
+    start = time.perf_counter()
+    _quiet_libraries(args)
+    if args.ratio is None:
+        raise ConfigError("--method structured needs --ratio, the fraction of each block's parameters to remove")
+    for flag, given in (("--sparsity", args.sparsity is not None), ("--skip", bool(args.skip)),
+                        ("--format compressed", args.format != "dense"), ("--true-sequential", args.true_sequential)):
+        if given:
+            raise ConfigError(f"{flag} does not apply to --method structured")
+    check_options(args.ratio, args.attn_ratio, args.importance, args.compensation)
+    io.check_out_dir(args.out, args.overwrite)
+    source = io.resolve_model(args.model)
+    model, tokenizer = io.load_model(args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+    limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    seqlen = args.seqlen or min(2048, limit or 2048)
+    tokens = data.calibration_batches(args.calib, tokenizer, args.nsamples, seqlen, args.seed,
+                                      model=model, text_field=args.text_field)
+    report = prune_structured(model, tokens, args.ratio, attn_ratio=args.attn_ratio, importance=args.importance,
+                              compensation=args.compensation, damp=args.damp, batch_size=args.batch_size,
+                              device=args.device, blocks=args.blocks)
+    meta = {
+        "model": args.model,
+        "model_source": {"path": source[0], "gguf_file": source[1],
+                         "revision": getattr(model.config, "_commit_hash", None)},
+        "method": "structured",
+        "calibration": {"source": args.calib, "nsamples": args.nsamples, "seqlen": seqlen, "seed": args.seed,
+                        "text_field": args.text_field},
+        "structured": report.to_dict(),
+        "arguments": {k: v for k, v in vars(args).items() if k != "func"},
+    }
+    io.save(model, tokenizer, args.out, meta=meta, overwrite=args.overwrite, verify=not args.no_verify)
+    summary = {
+        "out": str(args.out), "model": args.model, "method": "structured", "ratio": args.ratio,
+        "importance": report.importance, "compensation": report.compensation, "removed": report.removed,
+        "config": report.config, "calib": args.calib, "nsamples": args.nsamples, "seqlen": seqlen,
+        "prune_time_s": report.wall_time_s, "wall_time_s": time.perf_counter() - start,
+        "verified": not args.no_verify,
+    }
+    changes = ", ".join(f"{k} {v}" for k, v in report.config.items())
+    lines = [f"structured {report.importance}/{report.compensation} on {args.model}: removed "
+             f"{100 * report.removed:.1f}% of the decoder blocks' parameters ({changes})",
+             f"saved to {args.out} (a standard checkpoint{', verified' if not args.no_verify else ''}) "
+             f"in {summary['wall_time_s']:.1f} s"]
     _emit(args, summary, lines)
     return 0
 
