@@ -8,8 +8,10 @@ stderr, exit code 2, nothing written.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -45,6 +47,17 @@ def _quiet_libraries(args) -> None:
 
         transformers.utils.logging.disable_progress_bar()
         datasets.disable_progress_bars()
+
+
+@contextlib.contextmanager
+def _silenced(quiet: bool):
+    """With --quiet, hide stderr while loading: transformers' GGUF reader draws a progress bar
+    that its own switch does not reach. Errors still arrive, as exceptions."""
+    if not quiet:
+        yield
+        return
+    with open(os.devnull, "w") as devnull, contextlib.redirect_stderr(devnull):
+        yield
 
 
 def _emit(args, summary: dict, lines: list[str]) -> None:
@@ -117,7 +130,8 @@ def run_prune(args) -> int:
         raise ConfigError(f"unknown format {args.format!r}; choose dense or compressed")
     io.check_out_dir(args.out, args.overwrite)
     source = io.resolve_model(args.model)
-    model, tokenizer = io.load_model(args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+    with _silenced(args.quiet):
+        model, tokenizer = io.load_model(args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
 
     blocks_name, blocks = find_blocks(model, config.blocks)
     if config.sparsity.is_nm:  # the engine checks too, but only after calibration, which can be slow

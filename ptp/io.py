@@ -92,9 +92,16 @@ def load_model(name: str, dtype: str = "auto", trust_remote_code: bool = False, 
         return model.to(device or "cpu"), AutoTokenizer.from_pretrained(where)
     torch_dtype = DTYPES.get(dtype, torch.float32 if gguf else "auto")
     kwargs = dict(gguf_file=gguf) if gguf else {}
+    model_kwargs = {}
+    if gguf:
+        from transformers import GgufConfig
+
+        # Pruning needs dense weights: never let transformers keep GGUF blocks packed (it does
+        # when a matmul kernel is installed). Dequantize to float32, then cast.
+        model_kwargs = dict(quantization_config=GgufConfig(gguf_file=gguf, dequantize=True), dtype=torch.float32)
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            where, dtype=torch_dtype, trust_remote_code=trust_remote_code, **kwargs
+            where, trust_remote_code=trust_remote_code, **{"dtype": torch_dtype, **kwargs, **model_kwargs}
         )
         tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code, **kwargs)
     except (OSError, ValueError) as err:
@@ -102,6 +109,7 @@ def load_model(name: str, dtype: str = "auto", trust_remote_code: bool = False, 
         raise ConfigError(f"cannot load model {name!r}: {first}") from None
     if gguf:
         _drop_gguf_quantizer(model)
+        model = model.to(torch_dtype)
     return model.eval().to(device or "cpu"), tokenizer
 
 
