@@ -322,8 +322,10 @@ def test_load_model_reads_a_compressed_dir(tokenizer, tmp_path):
 @pytest.mark.slow
 def test_gguf_smollm2_saves_as_an_ordinary_checkpoint(tmp_path):
     """GGUF-loaded SmolLM2: no quantizer left, tied embeddings survive save -> plain reload."""
-    model, tokenizer = ptp.load_model("smollm2-135m")
+    folder, name = io.resolve_model("smollm2-135m")
+    model, tokenizer = ptp.load_model(str(Path(folder) / name))  # the .gguf file by path
     assert model.dtype == torch.float32 and getattr(model, "hf_quantizer", None) is None
+    assert type(model.model.layers[0].mlp.down_proj) is torch.nn.Linear  # dense, not GGUF-packed
     layers = [f"model.layers.{i}.mlp.down_proj" for i in range(2)]
     for name in layers:  # a cheap stand-in for pruning: 2:4 by magnitude on two layers
         w = model.get_submodule(name).weight.data
