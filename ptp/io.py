@@ -207,6 +207,8 @@ def save(
     verify:   reload from disk before the final rename and check that every tensor is bit-identical
               and every reported layer has the requested sparsity (every N:M group valid).
 
+    The reported layers' -0.0 entries become +0.0 in ``model`` itself (same values, one bit pattern).
+
     >>> ptp.save(model, tokenizer, "out/smollm2-2of4", report=report, sparsity="2:4")
     """
     if format not in ("dense", "compressed"):
