@@ -186,7 +186,14 @@ def load_eval_text(source: str | Path) -> tuple[str, EvalText | None]:
         import datasets  # imported here: loading datasets costs ~1 s and a file needs none of it
 
         kwargs = {"data_files": recipe.data_files} if recipe.data_files else {}
-        rows = datasets.load_dataset(recipe.path, recipe.name, split=recipe.split, **kwargs)[recipe.field]
+        try:
+            rows = datasets.load_dataset(recipe.path, recipe.name, split=recipe.split, **kwargs)[recipe.field]
+        except Exception as err:  # offline and not cached, gone from the hub, a script dataset, ...
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise ConfigError(
+                f"cannot load {source} ({recipe.path}, {recipe.split} split): {first} "
+                "-- offline it must be in the datasets cache; or pass a local text file"
+            ) from None
         rows = list(rows[: recipe.max_rows] if recipe.max_rows else rows)
         return recipe.sep.join(rows), recipe
     check_source(source)

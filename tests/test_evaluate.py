@@ -278,6 +278,14 @@ def test_eval_recipes_load_offline_from_datasets_cache(offline_datasets):
     assert load_eval_text("ptb")[0] == "x y z"
 
 
+def test_uncached_recipe_offline_is_one_clear_error(offline_datasets):
+    from ptp.config import ConfigError
+    from ptp.evaluate import load_eval_text
+
+    with pytest.raises(ConfigError, match="cannot load ptb .*datasets cache"):
+        load_eval_text("ptb")
+
+
 def test_c4_keeps_first_256_windows(offline_datasets):
     from ptp.evaluate import EVAL_TEXTS, eval_tokens
 
