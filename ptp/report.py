@@ -63,17 +63,24 @@ def by_block(layers: list[dict]) -> list[dict]:
     return rows
 
 
+def title(record: dict) -> str:
+    """``smollm2-135m · sparsegpt · sparsity 2:4`` from whatever the record holds."""
+    parts = [str(record[k]) for k in ("model", "method") if record.get(k)]
+    if record.get("sparsity"):
+        parts.append(f"sparsity {record['sparsity']}")
+    return " · ".join(parts) or "ptp prune"
+
+
 def markdown(record: dict) -> str:
     """A header line for the run and a per-block table."""
     rows = by_block(layer_rows(record))
-    title = " ".join(str(record.get(k, "")) for k in ("model", "method", "sparsity")).strip()
-    lines = [f"**{title}**" if title else "", "",
+    lines = [f"**{title(record)}**", "",
              "| block | layers | sparsity | mean rel. error | worst layer (error) | seconds |",
              "|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['block']} | {r['layers']} | {r['sparsity']:.4f} | {r['error']:.4g} | "
                      f"{r['worst_layer']} ({r['worst_error']:.4g}) | {r['seconds']:.1f} |")
-    return "\n".join(lines).lstrip("\n")
+    return "\n".join(lines)
 
 
 def plot(record: dict, path: str | Path) -> Path:
@@ -83,6 +90,7 @@ def plot(record: dict, path: str | Path) -> Path:
 
     matplotlib.use("Agg")  # no display: write files only
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     series: dict[str, list[tuple[int, float, float]]] = defaultdict(list)
     for layer in layer_rows(record):
@@ -99,8 +107,8 @@ def plot(record: dict, path: str | Path) -> Path:
     bottom.set_yscale("log")
     bottom.set_xlabel("decoder block")
     top.legend(fontsize="small", ncol=2)
-    title = " ".join(str(record.get(k, "")) for k in ("model", "method", "sparsity")).strip()
-    fig.suptitle(title or "ptp prune")
+    bottom.xaxis.set_major_locator(MaxNLocator(integer=True))  # blocks are whole numbers
+    fig.suptitle(title(record))
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=120)
