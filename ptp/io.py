@@ -168,9 +168,7 @@ def atomic_dir(out: str | Path, overwrite: bool = False):
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.ptp-tmp-", dir=out.parent))
     try:
         yield tmp
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result should not be
+        _publish_permissions(tmp)
         if out.exists():  # --overwrite: swap in the new directory, then drop the old one
             old = tmp.with_name(tmp.name + "-old")
             os.rename(out, old)
@@ -181,6 +179,16 @@ def atomic_dir(out: str | Path, overwrite: bool = False):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _publish_permissions(folder: Path) -> None:
+    """mkdtemp (and safetensors, for its files) create private entries; give the finished
+    directory the permissions of anything else this user creates (the umask's)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for path in folder.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 # --------------------------------------------------------------------------- saving

@@ -114,6 +114,10 @@ def test_save_writes_a_plain_checkpoint_with_ptp_json(tokenizer, tmp_path):
     out = tmp_path / "out"
     assert {"model.safetensors", "config.json", "tokenizer.json", "ptp.json"} <= set(os.listdir(out))
     assert leftovers(tmp_path) == ["out"]  # no temporary sibling left behind
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (out.stat().st_mode & 0o777) == 0o777 & ~umask  # not mkdtemp's private 0700
+    assert ((out / "model.safetensors").stat().st_mode & 0o777) == 0o666 & ~umask
     saved = json.loads((out / "ptp.json").read_text())
     assert saved == json.loads(json.dumps(record))
     assert saved["ptp_version"] == ptp.__version__ and saved["format"] == "dense"
