@@ -8,7 +8,6 @@ ranking by the static score.
 
 from __future__ import annotations
 
-import itertools
 import json
 
 import pytest
@@ -112,20 +111,22 @@ def _ls_cost(W, H, keep):
     return output_error(W, H, _padded(least_squares(W, H, keep, 1e-6), keep))
 
 
-def test_obs_channels_is_greedy_least_squares():
+@pytest.mark.parametrize("seed", range(6))
+def test_obs_channels_is_greedy_least_squares(seed):
     """Each greedy step removes the channel whose removal, with the optimal update of the others,
-    costs least: checked against re-solving least squares for every candidate."""
-    torch.manual_seed(2)
-    x = torch.randn(500, 7) @ torch.randn(7, 7)
-    W = torch.randn(4, 7)
+    costs least: checked against re-solving least squares for every candidate. Correlated inputs
+    make the update matter (a channel's twin absorbs it, then becomes expensive itself)."""
+    torch.manual_seed(seed)
+    x = torch.randn(500, 8) @ torch.randn(8, 8)
+    W = torch.randn(4, 8)
     H = moments_of(x).second
-    keep = torch.ones(7, dtype=torch.bool)
-    for _ in range(3):  # brute-force greedy
-        costs = {j: _ls_cost(W, H, keep & (torch.arange(7) != j)) for j in torch.nonzero(keep).flatten().tolist()}
+    keep = torch.ones(8, dtype=torch.bool)
+    for _ in range(5):  # brute-force greedy
+        costs = {j: _ls_cost(W, H, keep & (torch.arange(8) != j)) for j in torch.nonzero(keep).flatten().tolist()}
         keep[min(costs, key=costs.get)] = False
-    assert torch.equal(obs_select_channels(W, H, 3, damp=1e-6), keep)
+    assert torch.equal(obs_select_channels(W, H, 5, damp=1e-6), keep)
     # the group form with groups of one agrees
-    assert torch.equal(obs_select(W, H, channel_groups(7, 1), 3, damp=1e-6), keep)
+    assert torch.equal(obs_select(W, H, channel_groups(8, 1), 5, damp=1e-6), keep)
 
 
 def test_obs_groups_is_greedy_least_squares_over_groups():
@@ -143,9 +144,6 @@ def test_obs_groups_is_greedy_least_squares_over_groups():
         kept.remove(min(kept, key=cost))
     expected = torch.tensor([g in kept for g in range(4)])
     assert torch.equal(obs_select(W, H, groups, 2, damp=1e-6), expected)
-    # best subset over all pairs is at least as good (greedy need not be optimal, but must be close here)
-    best = min(itertools.combinations(range(4), 2), key=lambda s: _ls_cost(W, H, torch.isin(torch.arange(8) // 2, torch.tensor(s))))
-    assert len(best) == 2
 
 
 # --------------------------------------------------------------------------- the engine
