@@ -64,20 +64,23 @@ def run_one(method: str, sparsity: str, data: Path, args) -> dict:
         config = ptp.PruneConfig(method=method, sparsity=sparsity, true_sequential=args.true_sequential)
         report = ptp.prune(model, calib, config)
         row.update(prune_s=report.wall_time_s, achieved=report.mean_sparsity)
-    start = time.perf_counter()
-    row["ppl"] = perplexity_of_tokens(model, stream(tokenizer, data / "test.raw.txt"), 1024, limit=32, progress=False)
-    row["eval_s"] = time.perf_counter() - start
-    row["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    row["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # load + prune
+    if not args.no_eval:
+        start = time.perf_counter()
+        test = stream(tokenizer, data / "test.raw.txt")
+        row["ppl"] = perplexity_of_tokens(model, test, 1024, limit=32, progress=False)
+        row["eval_s"] = time.perf_counter() - start
     return row
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| method | sparsity | ptp ppl | reference ppl | ptp / ref | prune wall time | peak RSS |",
+    lines = ["| method | sparsity | ptp ppl | reference ppl | ptp / ref | prune wall time | peak RSS (load + prune) |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
         ref = REFERENCE.get((r["method"], r["sparsity"]))
-        ratio = f"{r['ppl'] / ref:.3f}" if ref else ""
-        lines.append(f"| {r['method']} | {r['sparsity']} | {r['ppl']:.2f} | {ref or ''} | {ratio} | "
+        ppl = f"{r['ppl']:.2f}" if "ppl" in r else ""
+        ratio = f"{r['ppl'] / ref:.3f}" if ref and ppl else ""
+        lines.append(f"| {r['method']} | {r['sparsity']} | {ppl} | {ref or ''} | {ratio} | "
                      f"{r['prune_s']:.0f} s | {r['peak_rss_gb']:.2f} GB |")
     return "\n".join(lines)
 
@@ -86,20 +89,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, required=True, help="folder with valid.tokens.txt and test.raw.txt")
     parser.add_argument("--run", nargs=2, metavar=("METHOD", "SPARSITY"), help="one row, in this process")
+    parser.add_argument("--rows", nargs="+", metavar="METHOD:SPARSITY", help="only these rows, e.g. wanda:2:4")
     parser.add_argument("--nsamples", type=int, default=64)
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--true-sequential", action="store_true")
     parser.add_argument("--json", action="store_true", help="print one JSON object per row")
+    parser.add_argument("--no-eval", action="store_true", help="prune only (for timing); no perplexity")
     args = parser.parse_args()
     if args.run:
         print(json.dumps(run_one(*args.run, args.data, args)), flush=True)
         return
     rows = []
-    for method, sparsity in ROWS:
+    todo = [tuple(r.split(":", 1)) for r in args.rows] if args.rows else ROWS
+    for method, sparsity in todo:
         cmd = [sys.executable, __file__, "--data", str(args.data), "--run", method, sparsity,
                "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--seed", str(args.seed)]
         cmd += ["--true-sequential"] if args.true_sequential else []
+        cmd += ["--no-eval"] if args.no_eval else []
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         rows.append(json.loads(out.strip().splitlines()[-1]))
         print(json.dumps(rows[-1]) if args.json else f"done: {method} {sparsity} ppl {rows[-1]['ppl']:.2f}",
