@@ -341,14 +341,23 @@ def test_cli_structured_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, e
 
 
 @pytest.mark.slow
-def test_smollm2_structured_is_a_smaller_llama_close_to_dense():
+def test_smollm2_structured_is_a_smaller_llama_and_compensation_pays():
+    """SmolLM2-135M at ratio 0.35: 6 of 9 query heads, 2 of 3 KV heads, MLP 992 of 1536; on held-out
+    text the least-squares update beats plain deletion (measured on WikiText-2: 102 vs 653)."""
+    import copy
+    from pathlib import Path
+
     from ptp.evaluate import perplexity_of_tokens
 
-    model, tokenizer = ptp.load_model("smollm2-135m", dtype="float32")
-    text = "The tower is 324 metres tall, about the same height as an 81-storey building. " * 40
-    ids = tokenizer(text, return_tensors="pt").input_ids
-    dense_ppl = perplexity_of_tokens(model, ids, 256, limit=2, progress=False)
-    report = prune_structured(model, ids[:, :1024].reshape(4, 256), 0.35)
-    assert (model.config.num_attention_heads, model.config.num_key_value_heads, model.config.intermediate_size) == (6, 2, 992)
-    assert report.removed == pytest.approx(0.35, abs=0.01)
-    assert perplexity_of_tokens(model, ids, 256, limit=2, progress=False) < 3 * dense_ppl
+    dense, tokenizer = ptp.load_model("smollm2-135m", dtype="float32")
+    ids = tokenizer((Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8"), return_tensors="pt").input_ids
+    calib, held_out = ids[:, :1024].reshape(4, 256), ids[:, 1024:]
+    ppl = {}
+    for compensation in ("ls", "none"):
+        model = copy.deepcopy(dense)
+        report = prune_structured(model, calib, 0.35, compensation=compensation)
+        assert (model.config.num_attention_heads, model.config.num_key_value_heads,
+                model.config.intermediate_size) == (6, 2, 992)
+        assert report.removed == pytest.approx(0.35, abs=0.01)
+        ppl[compensation] = perplexity_of_tokens(model, held_out, 256, limit=4, progress=False)
+    assert ppl["ls"] < ppl["none"], ppl
