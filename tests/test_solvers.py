@@ -263,3 +263,15 @@ def test_solvers_are_deterministic():
     for spec in (HALF, TWO_FOUR):
         a, b = sparsegpt(w, h, spec), sparsegpt(w, h, spec)
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_nm_mask_breaks_ties_like_the_reference_code():
+    # Dequantized checkpoints hold few distinct values, so groups with tied scores are common
+    # (40% of 4-groups in SmolLM2's GGUF weights); the reference code drops the m-n lowest with
+    # one topk(largest=False) per group of columns, and so must we, or results drift.
+    gen = torch.Generator().manual_seed(0)
+    score = torch.randint(0, 3, (64, 32), generator=gen).float()
+    reference = torch.zeros_like(score, dtype=torch.bool)
+    for i in range(0, 32, 4):
+        reference.scatter_(1, i + torch.topk(score[:, i : i + 4], 2, dim=1, largest=False)[1], True)
+    assert torch.equal(nm_mask(score, 2, 4), ~reference)

@@ -32,14 +32,17 @@ def unstructured_mask(score: torch.Tensor, ratio: float, per_row: bool = False) 
 def nm_mask(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
     """Keep the ``n`` highest scores in every group of ``m`` consecutive columns.
 
-    score: [rows, cols] with cols divisible by m. One ``topk`` over a [rows, cols/m, m] view.
+    score: [rows, cols] with cols divisible by m. One ``topk`` over a [rows, cols/m, m] view
+    picks the ``m - n`` lowest to drop, as the reference code does: with tied scores (common in
+    dequantized checkpoints, whose weights take few distinct values) which of the tied weights
+    go is decided by this choice, and magnitude 2:4 perplexity on SmolLM2 moves by a third with it.
     """
     rows, cols = score.shape
     if cols % m:
         raise ValueError(f"{cols} columns are not a multiple of M={m}")
     groups = score.reshape(rows, cols // m, m)
-    keep = torch.zeros(groups.shape, dtype=torch.bool, device=score.device)
-    keep.scatter_(2, torch.topk(groups, n, dim=2, sorted=False).indices, True)
+    keep = torch.ones(groups.shape, dtype=torch.bool, device=score.device)
+    keep.scatter_(2, torch.topk(groups, m - n, dim=2, largest=False).indices, False)
     return keep.reshape(rows, cols)
 
 
