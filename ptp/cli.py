@@ -113,7 +113,7 @@ def add_prune(sub) -> None:
 def run_prune(args) -> int:
     """Validate everything cheap first, so bad input fails before minutes of work and writes nothing."""
     from . import data, io
-    from .engine import find_blocks, linear_layers, weight_matrix, prune
+    from .engine import prunable_layers, prune
 
     if args.method.lower() == "structured":
         return run_prune_structured(args)
@@ -133,15 +133,7 @@ def run_prune(args) -> int:
     with _silenced(args.quiet):
         model, tokenizer = io.load_model(args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
 
-    blocks_name, blocks = find_blocks(model, config.blocks)
-    if config.sparsity.is_nm:  # the engine checks too, but only after calibration, which can be slow
-        for i, block in enumerate(blocks):
-            for name, layer in linear_layers(block, f"{blocks_name}.{i}", config.skip).items():
-                if weight_matrix(layer).shape[1] % config.sparsity.m:
-                    raise ConfigError(
-                        f"layer {name} has {weight_matrix(layer).shape[1]} inputs, not a multiple of "
-                        f"M={config.sparsity.m}; leave it dense with --skip {name}"
-                    )
+    prunable_layers(model, config)  # no decoder blocks, or an N:M width that cannot work: fail before calibrating
     limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
     seqlen = args.seqlen or min(2048, limit or 2048)
     if args.calib == "self" and args.device:

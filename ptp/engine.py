@@ -346,16 +346,23 @@ def prune_block(block, layers, hidden, batch_kwargs, config: PruneConfig, device
     return reports
 
 
-def _check_widths(layers: dict[str, nn.Module], config: PruneConfig) -> None:
-    if not config.sparsity.is_nm:
-        return
-    for name, layer in layers.items():
-        width = weight_matrix(layer).shape[1]
-        if width % config.sparsity.m:
-            raise ConfigError(
-                f"layer {name} has {width} inputs, not a multiple of M={config.sparsity.m}; "
-                f"leave it dense with skip={name!r} (--skip {name})"
-            )
+def prunable_layers(model: nn.Module, config: PruneConfig) -> tuple[nn.ModuleList, list[dict[str, nn.Module]]]:
+    """The decoder blocks and, per block, the linear layers ``config`` will prune.
+
+    Raises ConfigError before any work when a layer cannot take the N:M pattern, so the CLI can
+    call this before spending minutes on calibration data.
+    """
+    blocks_name, blocks = find_blocks(model, config.blocks)
+    all_layers = [linear_layers(block, f"{blocks_name}.{i}", config.skip) for i, block in enumerate(blocks)]
+    for layers in all_layers if config.sparsity.is_nm else ():
+        for name, layer in layers.items():
+            width = weight_matrix(layer).shape[1]
+            if width % config.sparsity.m:
+                raise ConfigError(
+                    f"layer {name} has {width} inputs, not a multiple of M={config.sparsity.m}; "
+                    f"leave it dense with skip={name!r} (--skip {name})"
+                )
+    return blocks, all_layers
 
 
 def as_token_batch(batches) -> torch.Tensor:
@@ -389,10 +396,7 @@ def prune(model: nn.Module, batches, config: PruneConfig) -> PruneReport:
     start = time.perf_counter()
     tokens = as_token_batch(batches)
     device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    blocks_name, blocks = find_blocks(model, config.blocks)
-    all_layers = [linear_layers(block, f"{blocks_name}.{i}", config.skip) for i, block in enumerate(blocks)]
-    for layers in all_layers:
-        _check_widths(layers, config)
+    blocks, all_layers = prunable_layers(model, config)
 
     report = PruneReport(config.method, str(config.sparsity))
     use_cache = getattr(model.config, "use_cache", None)
