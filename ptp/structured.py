@@ -65,7 +65,6 @@ class Unit:
     kind: str  # "attention" or "mlp"
     producers: list[str]  # names inside the block, e.g. ["self_attn.q_proj", ...]
     consumer: str  # e.g. "self_attn.o_proj"
-    group_size: int  # consumer input channels per structure (head_dim * q heads per KV group, or 1)
 
 
 @dataclass
@@ -113,9 +112,9 @@ def find_units(block: nn.Module, hidden, batch_kwargs) -> list[Unit]:
         consumer = layers[after[0]]
         widths = {layers[p].out_features for p in producers}
         if len(producers) == 3:
-            units.append(Unit("attention", producers, after[0], 0))
+            units.append(Unit("attention", producers, after[0]))
         elif len(producers) in (1, 2) and widths == {consumer.in_features} and consumer.in_features > consumer.out_features:
-            units.append(Unit("mlp", producers, after[0], 1))
+            units.append(Unit("mlp", producers, after[0]))
     return units
 
 
