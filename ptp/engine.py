@@ -107,7 +107,7 @@ class _Captured(Exception):
     pass
 
 
-def _move_outside_blocks(model: nn.Module, blocks: nn.ModuleList, device: torch.device) -> None:
+def move_outside_blocks(model: nn.Module, blocks: nn.ModuleList, device: torch.device) -> None:
     """Move every parameter and buffer that is not inside a decoder block (embeddings, rotary
     tables, final norm, head) to ``device``, leaving the blocks where they are."""
     inside = {id(m) for m in blocks.modules()}
@@ -401,7 +401,7 @@ def prune(model: nn.Module, batches, config: PruneConfig) -> PruneReport:
     report = PruneReport(config.method, str(config.sparsity))
     use_cache = getattr(model.config, "use_cache", None)
     home = next(blocks[0].parameters()).device
-    _move_outside_blocks(model, blocks, device)
+    move_outside_blocks(model, blocks, device)
     try:
         hidden, batch_kwargs = capture_block_inputs(model, blocks, tokens, config.batch_size, device)
         show = logger.getEffectiveLevel() <= logging.INFO
@@ -413,7 +413,7 @@ def prune(model: nn.Module, batches, config: PruneConfig) -> PruneReport:
                 run_block(block, hidden, batch_kwargs, config.batch_size)
             block.to(home)
     finally:
-        _move_outside_blocks(model, blocks, home)
+        move_outside_blocks(model, blocks, home)
         if use_cache is not None:
             model.config.use_cache = use_cache
     pruned = [layer.weight for layers in all_layers for layer in layers.values()]

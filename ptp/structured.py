@@ -37,7 +37,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .config import ConfigError
-from .engine import _move_outside_blocks, as_token_batch, capture_block_inputs, find_blocks, input_groups, run_block
+from .engine import move_outside_blocks, as_token_batch, capture_block_inputs, find_blocks, input_groups, run_block
 from .solvers.structured import (
     COMPENSATION,
     IMPORTANCE,
@@ -357,7 +357,7 @@ def prune_structured(
 
     use_cache = getattr(config, "use_cache", None)
     home = next(layers[0].parameters()).device
-    _move_outside_blocks(model, layers, device)
+    move_outside_blocks(model, layers, device)
     try:
         hidden, batch_kwargs = capture_block_inputs(model, layers, tokens, batch_size, device)
         layers[0].to(device)
@@ -406,7 +406,7 @@ def prune_structured(
                 run_block(block, hidden, batch_kwargs, batch_size)
             block.to(home)
     finally:
-        _move_outside_blocks(model, layers, home)
+        move_outside_blocks(model, layers, home)
         if use_cache is not None:
             model.config.use_cache = use_cache
 
