@@ -95,7 +95,7 @@ def add_prune(sub) -> None:
     p.add_argument("--format", default="dense", help="dense (plain safetensors) or compressed (values + bitmask)")
     p.add_argument("--blocksize", type=int, default=d.blocksize, help="SparseGPT lazy-update block width")
     p.add_argument("--damp", type=float, default=d.damp, help="SparseGPT relative dampening")
-    p.add_argument("--true-sequential", action="store_true", help="prune attention, re-run, then the MLP")
+    p.add_argument("--true-sequential", action="store_true", help="prune each group of layers from the already-pruned ones before it (one pass, more memory)")
     p.add_argument("--skip", action="append", default=[], metavar="LAYER",
                    help="leave layers dense: a name or dotted suffix (down_proj, layers.3); repeat or comma-separate")
     p.add_argument("--blocks", default=None, help="dotted path of the decoder blocks (found automatically)")

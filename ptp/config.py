@@ -69,8 +69,9 @@ class PruneConfig:
     sparsity:        "0.5", "50%", "2:4", "4:8" (or a ``Sparsity``).
     blocksize:       SparseGPT's lazy-update block width (columns).
     damp:            SparseGPT's relative dampening: lambda = damp * mean(diag H).
-    true_sequential: prune attention projections first, re-run the block, then the MLP, so the
-                     MLP's statistics come from the already-pruned attention.
+    true_sequential: prune each group of layers sharing an input (q/k/v, o, gate/up, down) from
+                     the outputs of the groups already pruned before it, in one lockstep pass
+                     over the data; holds every batch's block activations at once.
     skip:            layers left dense: a name such as ``model.layers.0.mlp.down_proj``, a suffix
                      such as ``down_proj`` or ``layers.3`` (whole block), matched on dot boundaries.
     blocks:          dotted path of the decoder blocks' ModuleList (``model.layers``); found
