@@ -59,7 +59,11 @@ def test_unstructured_mask_exact_count_per_row():
     score = torch.rand(7, 33)
     for ratio in (0.0, 0.3, 0.5, 0.9):
         keep = unstructured_mask(score, ratio, per_row=True)
-        assert ((~keep).sum(1) == int(ratio * 33)).all()
+        dropped = (~keep).sum(1)
+        # The layer's total is exact; rows differ by at most one, the first rows taking the extra.
+        assert int(dropped.sum()) == int(ratio * 7 * 33)
+        assert set(dropped.tolist()) <= {int(ratio * 33), int(ratio * 33) + 1}
+        assert dropped.tolist() == sorted(dropped.tolist(), reverse=True)
         # The removed ones are the lowest of their row.
         for row, k in zip(score, keep):
             if (~k).any():

@@ -15,17 +15,24 @@ def unstructured_mask(score: torch.Tensor, ratio: float, per_row: bool = False) 
     """Keep all but the ``floor(ratio * count)`` lowest scores.
 
     score: [rows, cols]. ``per_row=False`` ranks the whole matrix at once (magnitude pruning);
-    ``per_row=True`` ranks each output row separately, removing ``floor(ratio * cols)`` per row (Wanda).
+    ``per_row=True`` ranks each output row separately (Wanda): every row loses
+    ``floor(ratio * cols)`` weights and the first rows one more each, so that the layer's total is
+    exactly ``floor(ratio * count)`` too (a per-row floor alone would miss 60% by up to 1/cols).
     """
     keep = torch.ones(score.shape, dtype=torch.bool, device=score.device)  # contiguous, unlike ones_like
-    if per_row:
-        k = int(ratio * score.shape[1])
-        if k:
-            keep.scatter_(1, torch.topk(score, k, dim=1, largest=False, sorted=False).indices, False)
-        return keep
     k = int(ratio * score.numel())
-    if k:
-        keep.view(-1)[torch.topk(score.reshape(-1), k, largest=False, sorted=False).indices] = False
+    if not k:
+        return keep
+    if per_row:
+        rows = score.shape[0]
+        per, extra = divmod(k, rows)
+        if per:
+            keep.scatter_(1, torch.topk(score, per, dim=1, largest=False, sorted=False).indices, False)
+        if extra:  # the next-lowest score of each of the first ``extra`` rows
+            rest = score[:extra].float().masked_fill(~keep[:extra], float("inf"))
+            keep[:extra].scatter_(1, rest.argmin(1, keepdim=True), False)
+        return keep
+    keep.view(-1)[torch.topk(score.reshape(-1), k, largest=False, sorted=False).indices] = False
     return keep
 
 
