@@ -74,7 +74,8 @@ def add_prune(sub) -> None:
                        description="Prune MODEL layer by layer and save it to --out (atomically, with ptp.json).")
     p.add_argument("model", help="hub ID (org/name), local model directory, .gguf file, or smollm2-135m")
     p.add_argument("--method", default=d.method,
-                   help="magnitude, wanda, sparsegpt, or structured (remove channels and heads) (default %(default)s)")
+                   help="magnitude, wanda, sparsegpt, admm (most accurate), or structured (remove channels and "
+                        "heads) (default %(default)s)")
     p.add_argument("--sparsity", default=None, help="fraction (0.5, 50%%) or N:M (2:4, 4:8); required except for structured")
     p.add_argument("--ratio", type=float, default=None,
                    help="structured: fraction of each decoder block's parameters to remove (e.g. 0.35)")
@@ -95,6 +96,11 @@ def add_prune(sub) -> None:
     p.add_argument("--format", default="dense", help="dense (plain safetensors) or compressed (values + bitmask)")
     p.add_argument("--blocksize", type=int, default=d.blocksize, help="SparseGPT lazy-update block width")
     p.add_argument("--damp", type=float, default=d.damp, help="SparseGPT relative dampening")
+    p.add_argument("--profile", default=None, metavar="owl|FILE",
+                   help="non-uniform sparsity (unstructured only): owl (per block, from outlier activations; "
+                        "mean = --sparsity), or a JSON file {layer pattern: sparsity} for layers that differ")
+    p.add_argument("--owl-m", type=float, default=d.owl_m, help="OWL outlier threshold, times the mean score")
+    p.add_argument("--owl-lambda", type=float, default=d.owl_lambda, help="OWL's largest deviation from --sparsity")
     p.add_argument("--true-sequential", action="store_true", help="prune each group of layers from the already-pruned ones before it (one pass, more memory)")
     p.add_argument("--skip", action="append", default=[], metavar="LAYER",
                    help="leave layers dense: a name or dotted suffix (down_proj, layers.3); repeat or comma-separate")
@@ -125,6 +131,7 @@ def run_prune(args) -> int:
         method=args.method, sparsity=args.sparsity, blocksize=args.blocksize, damp=args.damp,
         true_sequential=args.true_sequential, blocks=args.blocks, batch_size=args.batch_size, device=args.device,
         skip=tuple(s.strip() for item in args.skip for s in item.split(",") if s.strip()),
+        profile=_read_profile(args.profile), owl_m=args.owl_m, owl_lambda=args.owl_lambda,
     )
     if args.format not in ("dense", "compressed"):
         raise ConfigError(f"unknown format {args.format!r}; choose dense or compressed")
@@ -177,6 +184,21 @@ def run_prune(args) -> int:
     return 0
 
 
+def _read_profile(spec: str | None):
+    """``owl`` stays a name; anything else is a JSON file of {layer pattern: sparsity}."""
+    if spec is None or spec.lower() == "owl":
+        return spec
+    try:
+        profile = json.loads(Path(spec).read_text())
+    except OSError as err:
+        raise ConfigError(f"cannot read profile {spec}: {err.strerror}") from None
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"profile {spec} is not JSON: {err}") from None
+    if not isinstance(profile, dict):
+        raise ConfigError(f"profile {spec} must be a JSON object of layer pattern -> sparsity")
+    return profile
+
+
 def run_prune_structured(args) -> int:
     """``--method structured``: a smaller standard model (``ptp.prune_structured``), saved dense."""
     from . import data, io
@@ -187,7 +209,8 @@ def run_prune_structured(args) -> int:
     if args.ratio is None:
         raise ConfigError("--method structured needs --ratio, the fraction of each block's parameters to remove")
     for flag, given in (("--sparsity", args.sparsity is not None), ("--skip", bool(args.skip)),
-                        ("--format compressed", args.format != "dense"), ("--true-sequential", args.true_sequential)):
+                        ("--format compressed", args.format != "dense"), ("--true-sequential", args.true_sequential),
+                        ("--profile", args.profile is not None)):
         if given:
             raise ConfigError(f"{flag} does not apply to --method structured")
     check_options(args.ratio, args.attn_ratio, args.importance, args.compensation)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, fields
 
-METHODS = ("magnitude", "wanda", "sparsegpt")
+METHODS = ("magnitude", "wanda", "sparsegpt", "admm")
 
 
 class ConfigError(ValueError):
@@ -65,10 +65,11 @@ def parse_sparsity(spec: str | float | Sparsity) -> Sparsity:
 class PruneConfig:
     """Everything that decides what ``ptp.prune`` does. The CLI builds this same object.
 
-    method:          "magnitude", "wanda" or "sparsegpt".
+    method:          "magnitude", "wanda", "sparsegpt" or "admm" (mask and weights found jointly;
+                     the most accurate, a few times SparseGPT's solver time).
     sparsity:        "0.5", "50%", "2:4", "4:8" (or a ``Sparsity``).
     blocksize:       SparseGPT's lazy-update block width (columns).
-    damp:            SparseGPT's relative dampening: lambda = damp * mean(diag H).
+    damp:            relative dampening of the Hessian (SparseGPT, ADMM): lambda = damp * mean(diag H).
     true_sequential: prune each group of layers sharing an input (q/k/v, o, gate/up, down) from
                      the outputs of the groups already pruned before it, in one lockstep pass
                      over the data; holds every batch's block activations at once.
@@ -78,6 +79,12 @@ class PruneConfig:
                      automatically when None.
     batch_size:      calibration samples per forward pass through a block.
     device:          compute device for the block being pruned; CUDA when present, else CPU.
+    profile:         non-uniform sparsity (unstructured only): "owl" (per block from the share
+                     of outlier |W|*||X|| scores, mean exactly ``sparsity``), or a dict from layer
+                     name pattern (matched like ``skip``; the longest match wins) to sparsity, for
+                     the layers that should differ from ``sparsity``.
+    owl_m, owl_lambda: OWL's outlier threshold (times the block's mean score) and the largest
+                     deviation of a block's sparsity from the target.
     """
 
     method: str = "sparsegpt"
@@ -89,6 +96,9 @@ class PruneConfig:
     blocks: str | None = None
     batch_size: int = 8
     device: str | None = None
+    profile: str | dict | None = None
+    owl_m: float = 5.0
+    owl_lambda: float = 0.08
 
     def __post_init__(self):
         self.sparsity = parse_sparsity(self.sparsity)
@@ -104,6 +114,32 @@ class PruneConfig:
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be positive, got {self.batch_size}")
         self.skip = tuple(self.skip)
+        self._check_profile()
+
+    def _check_profile(self) -> None:
+        if self.profile is None:
+            return
+        if self.sparsity.is_nm:
+            raise ConfigError(f"a sparsity profile needs unstructured sparsity, not {self.sparsity}")
+        if isinstance(self.profile, str):
+            if self.profile.lower() != "owl":
+                raise ConfigError(f"unknown profile {self.profile!r}: use 'owl' or a dict of layer -> sparsity")
+            self.profile = "owl"
+            if self.owl_m <= 0 or not 0 <= self.owl_lambda < 0.5:
+                raise ConfigError(f"OWL needs owl_m > 0 and 0 <= owl_lambda < 0.5, got {self.owl_m}, {self.owl_lambda}")
+            low, high = self.sparsity.ratio - self.owl_lambda, self.sparsity.ratio + self.owl_lambda
+            if low < 0 or high >= 1:
+                raise ConfigError(f"OWL spreads sparsity over [{low:g}, {high:g}], outside [0, 1): lower owl_lambda")
+            return
+        if not isinstance(self.profile, dict) or not self.profile:
+            raise ConfigError("profile must be 'owl' or a non-empty dict of layer pattern -> sparsity")
+        profile = {}
+        for pattern, value in self.profile.items():
+            ratio = parse_sparsity(value)
+            if ratio.is_nm:
+                raise ConfigError(f"profile entry {pattern!r}: {value} is N:M; profiles take fractions")
+            profile[str(pattern)] = ratio.ratio
+        self.profile = profile
 
     def to_dict(self) -> dict:
         out = {f.name: getattr(self, f.name) for f in fields(self)}

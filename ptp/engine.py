@@ -16,8 +16,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .config import ConfigError, PruneConfig
-from .solvers import Hessian, InputNorms, magnitude, relative_error, sparsegpt, wanda
+from .config import ConfigError, PruneConfig, Sparsity
+from .solvers import Hessian, InputNorms, admm, magnitude, outlier_share, owl_sparsities, relative_error, sparsegpt, wanda
 
 logger = logging.getLogger("ptp")
 
@@ -32,6 +32,7 @@ class LayerReport:
     sparsity: float  # achieved fraction of zeros in the weight
     error: float  # ||WX - W'X||^2 / ||WX||^2 on the calibration inputs
     seconds: float = 0.0  # solver time
+    target: str = ""  # the requested sparsity of this layer, e.g. "0.6" or "2:4"
 
 
 @dataclass
@@ -210,7 +211,8 @@ class Lockstep:
 
     def run(self, work, at_barrier) -> None:
         """Call ``work(b)`` for every batch b, stopping at each common pause point."""
-        threads = [threading.Thread(target=self._main, args=(b, work), daemon=True) for b in range(len(self.turns))]
+        threads = [threading.Thread(target=self._main, args=(b, work), name=f"ptp-lockstep-{b}", daemon=True)
+                   for b in range(len(self.turns))]
         for thread in threads:
             thread.start()
         running = list(range(len(threads)))
@@ -276,38 +278,41 @@ def _first_sample(kwargs: dict) -> dict:
 
 
 def new_stats(layer: nn.Module, config: PruneConfig, device) -> dict:
-    """The accumulators one input group needs: a Hessian (all tokens for SparseGPT; a sample,
-    for the error report, otherwise) and, for Wanda, the input norms."""
+    """The accumulators one input group needs: a Hessian (all tokens for SparseGPT and ADMM; a
+    sample, for the error report, otherwise) and, for Wanda, the input norms."""
     columns = weight_matrix(layer).shape[1]
-    stats = {"hessian": Hessian(columns, device, None if config.method == "sparsegpt" else ERROR_TOKENS)}
+    exact = config.method in ("sparsegpt", "admm")
+    stats = {"hessian": Hessian(columns, device, None if exact else ERROR_TOKENS)}
     if config.method == "wanda":
         stats["norms"] = InputNorms(columns, device)
     return stats
 
 
-def solve(weight: torch.Tensor, stats: dict, config: PruneConfig) -> torch.Tensor:
+def solve(weight: torch.Tensor, stats: dict, config: PruneConfig, sparsity: Sparsity) -> torch.Tensor:
     """Call the configured solver on one [out, in] weight; returns the pruned weight."""
     if config.method == "magnitude":
-        pruned, _ = magnitude(weight, config.sparsity)
+        pruned, _ = magnitude(weight, sparsity)
     elif config.method == "wanda":
-        pruned, _ = wanda(weight, stats["norms"].norm, config.sparsity)
+        pruned, _ = wanda(weight, stats["norms"].norm, sparsity)
+    elif config.method == "admm":
+        pruned, _ = admm(weight, stats["hessian"].hessian, sparsity, damp=config.damp)
     else:
-        pruned, _ = sparsegpt(weight, stats["hessian"].hessian, config.sparsity, config.blocksize, config.damp)
+        pruned, _ = sparsegpt(weight, stats["hessian"].hessian, sparsity, config.blocksize, config.damp)
     return pruned
 
 
-def prune_layer(name: str, layer: nn.Module, stats: dict, config: PruneConfig) -> LayerReport:
+def prune_layer(name: str, layer: nn.Module, stats: dict, config: PruneConfig, sparsity: Sparsity) -> LayerReport:
     start = time.perf_counter()
     weight = weight_matrix(layer)
-    pruned = solve(weight.data, stats, config)
+    pruned = solve(weight.data, stats, config, sparsity)
     error = relative_error(weight.data, pruned, stats["hessian"].hessian)
     weight.data.copy_(pruned)
-    return LayerReport(name, float((pruned == 0).float().mean()), error, time.perf_counter() - start)
+    return LayerReport(name, float((pruned == 0).float().mean()), error, time.perf_counter() - start, str(sparsity))
 
 
-def prune_block(block, layers, hidden, batch_kwargs, config: PruneConfig, device) -> list[LayerReport]:
+def prune_block(block, layers, hidden, batch_kwargs, config: PruneConfig, device, sparsities=None) -> list[LayerReport]:
     """Prune every layer of one block in place, then overwrite ``hidden`` [n, L, d] with the
-    pruned block's outputs.
+    pruned block's outputs. ``sparsities``: name -> Sparsity, default ``config.sparsity``.
 
     Default (both papers' code): every layer's statistics come from the dense block; then the
     block runs again with pruned weights. ``true_sequential``: each group of layers sees the
@@ -318,7 +323,10 @@ def prune_block(block, layers, hidden, batch_kwargs, config: PruneConfig, device
     reports: list[LayerReport] = []
 
     def prune_group(group):
-        reports.extend(prune_layer(name, layers[name], stats[group], config) for name in group)
+        reports.extend(
+            prune_layer(name, layers[name], stats[group], config, (sparsities or {}).get(name, config.sparsity))
+            for name in group
+        )
 
     lockstep = Lockstep(len(batch_kwargs)) if config.true_sequential else None
     hooks = []
@@ -381,6 +389,77 @@ def as_token_batch(batches) -> torch.Tensor:
     return tokens.long()
 
 
+def for_each_block(model, blocks, tokens: torch.Tensor, config: PruneConfig, device, desc: str, work) -> None:
+    """Capture the first block's inputs, then call ``work(i, block, hidden, batch_kwargs)`` for
+    each block in order, with block i (alone) on ``device`` and ``hidden`` holding its inputs;
+    ``work`` must leave the block's outputs in ``hidden``. Everything goes back where it was."""
+    use_cache = getattr(model.config, "use_cache", None)
+    home = next(blocks[0].parameters()).device
+    move_outside_blocks(model, blocks, device)
+    try:
+        hidden, batch_kwargs = capture_block_inputs(model, blocks, tokens, config.batch_size, device)
+        show = logger.getEffectiveLevel() <= logging.INFO
+        for i, block in enumerate(tqdm(blocks, desc=desc, disable=not show)):
+            block.to(device)
+            work(i, block, hidden, batch_kwargs)
+            block.to(home)
+    finally:
+        move_outside_blocks(model, blocks, home)
+        if use_cache is not None:
+            model.config.use_cache = use_cache
+
+
+def outlier_shares(model, tokens, config: PruneConfig, device, all_layers) -> list[float | None]:
+    """OWL's outlier share of each block (None for a block with nothing to prune), from one
+    pass of the calibration data through the dense model."""
+    blocks = find_blocks(model, config.blocks)[1]
+    shares: list[float | None] = []
+
+    def measure(i, block, hidden, batch_kwargs):
+        layers = all_layers[i]
+        if not layers:
+            shares.append(None)
+            run_block(block, hidden, batch_kwargs, config.batch_size)
+            return
+        groups = input_groups(block, layers, hidden, batch_kwargs)
+        norms = {tuple(g): InputNorms(weight_matrix(layers[g[0]]).shape[1], device) for g in groups}
+        hooks = [layers[g[0]].register_forward_pre_hook(lambda m, args, g=g: norms[g].add(args[0])) for g in norms]
+        try:
+            run_block(block, hidden, batch_kwargs, config.batch_size)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        scores = [weight_matrix(layers[n]).abs() * norms[g].norm for g in norms for n in g]
+        shares.append(outlier_share(scores, config.owl_m))
+
+    for_each_block(model, blocks, tokens, config, device, "OWL outliers", measure)
+    return shares
+
+
+def layer_sparsities(model, tokens, config: PruneConfig, device, all_layers) -> list[dict[str, Sparsity]]:
+    """The sparsity of every layer to prune, per block: ``config.sparsity`` everywhere, or from
+    the profile (``"owl"``: per block from outlier shares; a dict: by layer name pattern, the
+    longest matching pattern winning)."""
+    uniform = [{name: config.sparsity for name in layers} for layers in all_layers]
+    if config.profile is None:
+        return uniform
+    if config.profile == "owl":
+        shares = outlier_shares(model, tokens, config, device, all_layers)
+        measured = [s for s in shares if s is not None]
+        ratios = iter(owl_sparsities(measured, config.sparsity.ratio, config.owl_lambda))
+        per_block = [None if s is None else next(ratios) for s in shares]
+        logger.info("OWL block sparsities: %s", ", ".join(f"{r:.3f}" for r in per_block if r is not None))
+        return [{name: Sparsity(r) for name in layers} for r, layers in zip(per_block, all_layers)]
+    out = []
+    for layers in uniform:
+        for name in layers:
+            matches = [p for p in config.profile if skipped(name, (p,))]
+            if matches:
+                layers[name] = Sparsity(config.profile[max(matches, key=len)])
+        out.append(layers)
+    return out
+
+
 @torch.no_grad()
 def prune(model: nn.Module, batches, config: PruneConfig) -> PruneReport:
     """Prune ``model`` in place, block by block, from calibration tokens.
@@ -397,25 +476,16 @@ def prune(model: nn.Module, batches, config: PruneConfig) -> PruneReport:
     tokens = as_token_batch(batches)
     device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     blocks, all_layers = prunable_layers(model, config)
-
+    sparsities = layer_sparsities(model, tokens, config, device, all_layers)
     report = PruneReport(config.method, str(config.sparsity))
-    use_cache = getattr(model.config, "use_cache", None)
-    home = next(blocks[0].parameters()).device
-    move_outside_blocks(model, blocks, device)
-    try:
-        hidden, batch_kwargs = capture_block_inputs(model, blocks, tokens, config.batch_size, device)
-        show = logger.getEffectiveLevel() <= logging.INFO
-        for i, block in enumerate(tqdm(blocks, desc=f"{config.method} {config.sparsity}", disable=not show)):
-            block.to(device)
-            if all_layers[i]:
-                report.layers += prune_block(block, all_layers[i], hidden, batch_kwargs, config, device)
-            else:
-                run_block(block, hidden, batch_kwargs, config.batch_size)
-            block.to(home)
-    finally:
-        move_outside_blocks(model, blocks, home)
-        if use_cache is not None:
-            model.config.use_cache = use_cache
+
+    def prune_or_pass(i, block, hidden, batch_kwargs):
+        if all_layers[i]:
+            report.layers.extend(prune_block(block, all_layers[i], hidden, batch_kwargs, config, device, sparsities[i]))
+        else:
+            run_block(block, hidden, batch_kwargs, config.batch_size)
+
+    for_each_block(model, blocks, tokens, config, device, f"{config.method} {config.sparsity}", prune_or_pass)
     pruned = [layer.weight for layers in all_layers for layer in layers.values()]
     if pruned:
         report.mean_sparsity = sum(int((w == 0).sum()) for w in pruned) / sum(w.numel() for w in pruned)

@@ -234,7 +234,9 @@ def save(
             record["compression"] = compress_dir(tmp, model, layers, sparsity)
         (tmp / "ptp.json").write_text(json.dumps(record, indent=2) + "\n")
         if verify:
-            verify_dir(tmp, model, layers, sparsity)
+            # Each layer is held to its own target when the run had a sparsity profile.
+            targets = {l.name: parse_sparsity(l.target) for l in report.layers if l.target} if report else {}
+            verify_dir(tmp, model, layers, targets or sparsity)
     logger.info("saved %s (%s)", out, format)
     return record
 
@@ -285,11 +287,12 @@ def peak_memory_bytes() -> dict:
 # --------------------------------------------------------------------------- verification
 
 
-def verify_dir(folder: Path, model: nn.Module, layers: list[str], sparsity: Sparsity | None) -> None:
+def verify_dir(folder: Path, model: nn.Module, layers: list[str], sparsity: Sparsity | dict | None) -> None:
     """Reload ``folder`` the way users will and compare it with ``model``.
 
     Every tensor of the reloaded state dict must equal the in-memory one bit for bit, and every
-    layer in ``layers`` must have the requested sparsity. Raises RuntimeError otherwise.
+    layer in ``layers`` must have the requested sparsity (one for all, or a dict name -> Sparsity).
+    Raises RuntimeError otherwise.
     """
     from transformers import AutoModelForCausalLM
 
@@ -305,7 +308,9 @@ def verify_dir(folder: Path, model: nn.Module, layers: list[str], sparsity: Spar
             raise RuntimeError(f"reloaded {folder}: tensor {key} differs from the model in memory")
     if sparsity is not None:
         for name in layers:
-            check_sparsity(name, weight_matrix(reloaded.get_submodule(name)), sparsity)
+            target = sparsity.get(name) if isinstance(sparsity, dict) else sparsity
+            if target is not None:
+                check_sparsity(name, weight_matrix(reloaded.get_submodule(name)), target)
     logger.info("verified %s: %d tensors identical, %d pruned layers at %s", folder.name, len(expected),
                 len(layers), sparsity)
 

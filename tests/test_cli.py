@@ -85,6 +85,25 @@ def test_human_output_and_progress_without_quiet(model_dir, calib, tmp_path, cap
     assert "magnitude 0.5" in captured.err  # the engine's progress bar over blocks
 
 
+def test_admm_with_owl_and_a_profile_file(model_dir, calib, tmp_path, capsys):
+    """--method admm --profile owl end to end; a profile file sets the layers it names."""
+    out = tmp_path / "owl"
+    assert main(prune_args(model_dir, calib, out, "--method", "admm", "--sparsity", "0.6", "--profile", "owl",
+                           "--owl-m", "3", "--owl-lambda", "0.1", "--json", "-q")) == 0
+    assert json.loads(capsys.readouterr().out)["mean_sparsity"] == pytest.approx(0.6, abs=1e-3)
+    record = json.loads((out / "ptp.json").read_text())
+    assert record["config"]["method"] == "admm" and record["config"]["profile"] == "owl"
+    per_layer = {layer["name"]: layer["sparsity"] for layer in record["report"]["layers"]}
+    assert max(per_layer.values()) - min(per_layer.values()) > 0.05  # not uniform
+    profile = tmp_path / "profile.json"
+    profile.write_text(json.dumps({"down_proj": 0.75}))
+    assert main(prune_args(model_dir, calib, tmp_path / "file", "--method", "wanda", "--sparsity", "0.5",
+                           "--profile", str(profile), "-q")) == 0
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "file")
+    assert float((model.model.layers[0].mlp.down_proj.weight == 0).float().mean()) == pytest.approx(0.75, abs=0.01)
+    assert float((model.model.layers[0].mlp.up_proj.weight == 0).float().mean()) == pytest.approx(0.5, abs=0.01)
+
+
 # --------------------------------------------------------------------------- bad input: exit 2, one line, nothing written
 
 
@@ -123,12 +142,17 @@ def bad_inputs(model_dir, calib, odd_width_dir, tmp_path):
         "non-empty DIR": (prune_args(model_dir, calib, full) + ["--sparsity", "0.5"], "not empty; pass --overwrite"),
         "unknown calibration source": (prune_args(model_dir, "wikitext3", tmp_path / "out") + ["--sparsity", "0.5"],
                                        "unknown calibration source 'wikitext3'"),
+        "profile with N:M": (base() + ["--sparsity", "2:4", "--profile", "owl"], "profile needs unstructured"),
+        "missing profile file": (base() + ["--sparsity", "0.5", "--profile", str(tmp_path / "p.json")],
+                                 "cannot read profile"),
+        "profile not JSON": (base() + ["--sparsity", "0.5", "--profile", str(tmp_path / "afile")], "is not JSON"),
     }
 
 
 CASES = ["unknown method", "sparsity >= 1", "malformed N:M", "N >= M", "width not multiple of M",
          "missing model path", "no decoder blocks", "calibration too short", "seqlen above max positions",
-         "unwritable DIR", "non-empty DIR", "unknown calibration source"]
+         "unwritable DIR", "non-empty DIR", "unknown calibration source", "profile with N:M",
+         "missing profile file", "profile not JSON"]
 
 
 @pytest.mark.parametrize("case", CASES)

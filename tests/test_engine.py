@@ -246,12 +246,12 @@ def test_solver_failure_mid_block_leaves_no_threads_running(monkeypatch):
 
     import ptp.engine
 
-    def failing_solve(weight, stats, config):
+    def failing_solve(weight, stats, config, sparsity):
         raise torch.linalg.LinAlgError("simulated")
 
     monkeypatch.setattr(ptp.engine, "solve", failing_solve)
-    before = threading.active_count()
     with pytest.raises(torch.linalg.LinAlgError, match="simulated"):
         ptp.prune(tiny_model(), tokens(4, 8), ptp.PruneConfig(true_sequential=True, batch_size=1))
     time.sleep(0.1)
-    assert threading.active_count() == before
+    # Only the batches' threads count: tqdm may start a monitor thread of its own.
+    assert not [t for t in threading.enumerate() if t.name.startswith("ptp-lockstep")]
