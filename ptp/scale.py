@@ -278,23 +278,22 @@ class Shards:
         return out
 
 
-def skeleton(folder: Path, dtype: torch.dtype, trust_remote_code: bool = False) -> nn.Module:
-    """The model of ``folder`` with every parameter on the meta device (no memory). Non-persistent
-    buffers computed at construction (rotary tables) are real, as they are never saved."""
+def skeleton(config, dtype: torch.dtype, trust_remote_code: bool = False) -> nn.Module:
+    """The model of a transformers ``config`` with every parameter on the meta device (no memory).
+    Non-persistent buffers computed at construction (rotary tables) are real: they are never saved."""
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     try:
-        config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
         with init_empty_weights(include_buffers=False):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ConfigError(f"cannot build model {folder}: {first}") from None
+        raise ConfigError(f"cannot build the model: {first}") from None
     return model.eval()
 
 
-def checkpoint_dtype(folder: Path, config, headers: dict) -> torch.dtype:
+def checkpoint_dtype(config, headers: dict) -> torch.dtype:
     """What ``from_pretrained(dtype="auto")`` would pick: the config's dtype, else the first
     floating tensor's."""
     named = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
@@ -474,8 +473,8 @@ class Stream(Distributed):
             hf_config = AutoConfig.from_pretrained(self.source, trust_remote_code=trust_remote_code)
         except (OSError, ValueError) as err:
             raise ConfigError(f"cannot read the config of {model_dir}: {str(err).strip().splitlines()[0]}") from None
-        self.dtype = io.DTYPES[dtype] if dtype != "auto" else checkpoint_dtype(self.source, hf_config, headers)
-        self.model = skeleton(self.source, self.dtype, trust_remote_code)
+        self.dtype = io.DTYPES[dtype] if dtype != "auto" else checkpoint_dtype(hf_config, headers)
+        self.model = skeleton(hf_config, self.dtype, trust_remote_code)
         self.blocks_name, self.blocks = find_blocks(self.model, config.blocks)
         prunable_layers(self.model, config)  # an N:M width that cannot work fails here, before any work
         self._plan(headers)

@@ -51,8 +51,8 @@ def assert_identical(a: dict, b: dict) -> None:
     assert not bad, f"{len(bad)} tensors differ, e.g. {bad[:3]}"
 
 
-def in_memory(folder: Path, calib, config, out: Path) -> ptp.PruneReport:
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype="auto")
+def in_memory(folder: Path, calib, config, out: Path, dtype="auto") -> ptp.PruneReport:
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
     report = ptp.prune(model, calib, config)
     ptp.save(model, None, out, report=report, sparsity=config.sparsity)
     return report
@@ -96,6 +96,17 @@ def test_stream_tied_llama_with_tokenizer_and_true_sequential(tmp_path):
     assert_identical(state_of(tmp_path / "out"), state_of(tmp_path / "ref"))
     assert "lm_head.weight" not in state_of(tmp_path / "out")  # tied: stored once, as save_pretrained does
     assert (tmp_path / "out" / "tokenizer.json").is_file()
+
+
+def test_stream_casts_to_the_requested_dtype(tmp_path):
+    src = saved(tmp_path / "src", tiny_model("llama"))
+    calib, config = tokens(4, 16), ptp.PruneConfig(method="sparsegpt", sparsity="4:8")
+    scale.prune_streaming(src, calib, config, tmp_path / "out", dtype="bfloat16")
+    in_memory(src, calib, config, tmp_path / "ref", dtype=torch.bfloat16)
+    out = state_of(tmp_path / "out")
+    assert_identical(out, state_of(tmp_path / "ref"))
+    assert {t.dtype for t in out.values()} == {torch.bfloat16}
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype="auto").dtype == torch.bfloat16
 
 
 def test_only_one_block_is_ever_in_memory(tmp_path, monkeypatch):
