@@ -9,6 +9,7 @@ from .io import load, load_model, save
 from .evaluate import compare, evaluate_tasks, perplexity, perplexity_of_tokens
 from .bench import throughput
 from .structured import StructuredReport, prune_structured
+from . import scale
 
 __all__ = ["ConfigError", "PruneConfig", "PruneReport", "Sparsity", "calibration_batches", "find_blocks", "load", "load_model", "parse_sparsity", "prune", "random_windows", "prune_structured", "save", "StructuredReport"]
 __all__ += ["compare", "evaluate_tasks", "perplexity", "perplexity_of_tokens", "throughput"]

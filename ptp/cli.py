@@ -26,6 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     for add in COMMANDS:
         add(sub)
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # --nproc re-runs the same command under torchrun
     level = logging.DEBUG if args.verbose else logging.WARNING if getattr(args, "quiet", False) else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("ptp").setLevel(level)  # basicConfig is a no-op on a second main() in one process
@@ -111,6 +112,17 @@ def add_prune(sub) -> None:
     p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.add_argument("--no-verify", action="store_true", help="skip reloading and checking the saved model")
+    p.add_argument("--stream", action="store_true",
+                   help="never hold the model: load one decoder block at a time from the safetensors shards, write "
+                        "it pruned, checkpoint after every block (automatic when the model would not fit in memory)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the interrupted --stream run of this --out from its last finished block (implies --stream)")
+    p.add_argument("--act-budget", default=None, metavar="SIZE",
+                   help="with --stream: keep calibration activations in memory up to SIZE (512MB, 2GiB), "
+                        "on disk above it (default: no limit)")
+    p.add_argument("--nproc", type=int, default=1,
+                   help="split the calibration samples over N processes on this machine (runs torchrun; "
+                        "or launch `torchrun --nproc-per-node N -m ptp prune ...` yourself)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or info logs")
     p.add_argument("--json", action="store_true", help="print a one-line JSON summary on stdout")
     p.set_defaults(func=run_prune)
@@ -118,7 +130,7 @@ def add_prune(sub) -> None:
 
 def run_prune(args) -> int:
     """Validate everything cheap first, so bad input fails before minutes of work and writes nothing."""
-    from . import data, io
+    from . import data, io, scale
     from .engine import prunable_layers, prune
 
     if args.method.lower() == "structured":
@@ -135,8 +147,24 @@ def run_prune(args) -> int:
     )
     if args.format not in ("dense", "compressed"):
         raise ConfigError(f"unknown format {args.format!r}; choose dense or compressed")
+    budget = scale.parse_size(args.act_budget)
+    stream = args.stream or args.resume
+    if budget is not None and not stream:
+        raise ConfigError("--act-budget applies to --stream runs")
+    if stream and args.format != "dense":
+        raise ConfigError("--stream writes dense checkpoints; --format compressed needs the model in memory")
+    if stream and args.calib == "self":
+        raise ConfigError("--calib self samples from the whole model, which --stream never loads; give calibration text")
+    if args.nproc < 1:
+        raise ConfigError(f"--nproc must be positive, got {args.nproc}")
     io.check_out_dir(args.out, args.overwrite)
     source = io.resolve_model(args.model)
+    if args.nproc > 1 and not scale.launched():
+        return scale.launch(args.nproc, args.argv)
+    config.device = scale.init_distributed(config.device)
+    can_stream = args.format == "dense" and args.calib != "self"
+    if stream or scale.any_rank(can_stream and scale.would_not_fit(args.model)):
+        return run_prune_stream(args, config, budget, start)
     with _silenced(args.quiet):
         model, tokenizer = io.load_model(args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
 
@@ -148,22 +176,62 @@ def run_prune(args) -> int:
     tokens = data.calibration_batches(args.calib, tokenizer, args.nsamples, seqlen, args.seed,
                                       model=model, text_field=args.text_field)
     model.to("cpu")  # the engine moves one block at a time to the device
-    report = prune(model, tokens, config)
+    if scale.rank_world()[1] > 1:
+        report = scale.prune_distributed(model, tokens, config)
+        if scale.rank_world()[0] != 0:
+            return 0  # rank 0 saves
+    else:
+        report = prune(model, tokens, config)
 
-    meta = {
+    meta = _prune_meta(args, config, seqlen, source, getattr(model.config, "_commit_hash", None))
+    meta["total_wall_time_s"] = time.perf_counter() - start  # load + calibration + pruning
+    record = io.save(model, tokenizer, args.out, report=report, sparsity=config.sparsity, meta=meta,
+                     format=args.format, overwrite=args.overwrite, verify=not args.no_verify)
+    _prune_summary(args, config, seqlen, report, record, start)
+    return 0
+
+
+def run_prune_stream(args, config: PruneConfig, budget: int | None, start: float) -> int:
+    """``--stream`` / ``--resume``: ``ptp.scale.Stream`` reads one block at a time and checkpoints."""
+    from transformers import AutoTokenizer
+
+    from . import data, scale
+
+    stream = scale.Stream(args.model, args.out, config, dtype=args.dtype, resume=args.resume,
+                          overwrite=args.overwrite, act_budget=budget, trust_remote_code=args.trust_remote_code)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"cannot load the tokenizer of {args.model}: {str(err).strip().splitlines()[0]}") from None
+    limit = getattr(stream.model.config, "max_position_embeddings", None) or getattr(stream.model.config, "n_positions", None)
+    seqlen = args.seqlen or min(2048, limit or 2048)
+    tokens = data.calibration_batches(args.calib, tokenizer, args.nsamples, seqlen, args.seed,
+                                      model=stream.model, text_field=args.text_field)
+    meta = _prune_meta(args, config, seqlen, (str(stream.source), None), None)
+    report = stream.run(tokens, tokenizer=tokenizer, meta=meta, verify=not args.no_verify)
+    if stream.rank == 0:
+        _prune_summary(args, config, seqlen, report, stream.record, start)
+    return 0
+
+
+def _prune_meta(args, config: PruneConfig, seqlen: int, source: tuple, revision) -> dict:
+    """What ptp.json records about a run, beyond what ``io.save`` adds."""
+    from . import scale
+
+    return {
         "model": args.model,
-        "model_source": {"path": source[0], "gguf_file": source[1],
-                         "revision": getattr(model.config, "_commit_hash", None)},
+        "model_source": {"path": source[0], "gguf_file": source[1], "revision": revision},
         "method": config.method,
         "sparsity": str(config.sparsity),
         "calibration": {"source": args.calib, "nsamples": args.nsamples, "seqlen": seqlen, "seed": args.seed,
                         "text_field": args.text_field},
         "config": config.to_dict(),
-        "arguments": {k: v for k, v in vars(args).items() if k != "func"},
-        "total_wall_time_s": time.perf_counter() - start,  # load + calibration + pruning
+        "processes": scale.rank_world()[1],  # calibration split over this many (torchrun / --nproc)
+        "arguments": {k: v for k, v in vars(args).items() if k not in ("func", "argv")},
     }
-    record = io.save(model, tokenizer, args.out, report=report, sparsity=config.sparsity, meta=meta,
-                     format=args.format, overwrite=args.overwrite, verify=not args.no_verify)
+
+
+def _prune_summary(args, config: PruneConfig, seqlen: int, report, record: dict, start: float) -> None:
     summary = {
         "out": str(args.out), "model": args.model, "method": config.method, "sparsity": str(config.sparsity),
         "calib": args.calib, "nsamples": args.nsamples, "seqlen": seqlen,
@@ -181,7 +249,6 @@ def run_prune(args) -> int:
         lines.append(f"compressed: pruned linear weights {c['pruned_weights_ratio']:.3f}x of dense, "
                      f"whole checkpoint {c['checkpoint_ratio']:.3f}x")
     _emit(args, summary, lines)
-    return 0
 
 
 def _read_profile(spec: str | None):
@@ -210,7 +277,8 @@ def run_prune_structured(args) -> int:
         raise ConfigError("--method structured needs --ratio, the fraction of each block's parameters to remove")
     for flag, given in (("--sparsity", args.sparsity is not None), ("--skip", bool(args.skip)),
                         ("--format compressed", args.format != "dense"), ("--true-sequential", args.true_sequential),
-                        ("--profile", args.profile is not None)):
+                        ("--profile", args.profile is not None), ("--stream", args.stream or args.resume),
+                        ("--act-budget", args.act_budget is not None), ("--nproc", args.nproc != 1)):
         if given:
             raise ConfigError(f"{flag} does not apply to --method structured")
     check_options(args.ratio, args.attn_ratio, args.importance, args.compensation)
@@ -232,7 +300,7 @@ def run_prune_structured(args) -> int:
         "calibration": {"source": args.calib, "nsamples": args.nsamples, "seqlen": seqlen, "seed": args.seed,
                         "text_field": args.text_field},
         "structured": report.to_dict(),
-        "arguments": {k: v for k, v in vars(args).items() if k != "func"},
+        "arguments": {k: v for k, v in vars(args).items() if k not in ("func", "argv")},
     }
     io.save(model, tokenizer, args.out, meta=meta, overwrite=args.overwrite, verify=not args.no_verify)
     summary = {

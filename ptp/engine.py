@@ -33,6 +33,7 @@ class LayerReport:
     error: float  # ||WX - W'X||^2 / ||WX||^2 on the calibration inputs
     seconds: float = 0.0  # solver time
     target: str = ""  # the requested sparsity of this layer, e.g. "0.6" or "2:4"
+    zeros: int = 0  # zero weights after pruning (the exact count behind ``sparsity``)
 
 
 @dataclass
@@ -116,19 +117,21 @@ def move_outside_blocks(model: nn.Module, blocks: nn.ModuleList, device: torch.d
         if id(module) in inside:
             continue
         for tensors in (module._parameters, module._buffers):
-            for key, tensor in tensors.items():
-                if tensor is not None and tensor.device != device:
+            for key, tensor in tensors.items():  # meta tensors (not loaded, when streaming) stay
+                if tensor is not None and tensor.device != device and not tensor.is_meta:
                     tensor.data = tensor.data.to(device)
 
 
-def capture_block_inputs(model, blocks, tokens: torch.Tensor, batch_size: int, device: torch.device):
+def capture_block_inputs(model, blocks, tokens: torch.Tensor, batch_size: int, device: torch.device, alloc=None):
     """Run the model up to the first block for each batch of calibration tokens.
 
     tokens: LongTensor [n, L]. Returns (hidden [n, L, d] on device, one kwargs dict per batch).
     The kwargs (attention mask, position ids, rotary embeddings, ...) are whatever the model
     passed to its first block; they are replayed unchanged, so no model family is special-cased.
+    ``alloc(shape, dtype, device)`` makes the buffer the inputs are written into (default
+    ``torch.empty`` on device; ``BlockHooks.alloc`` may put it on disk).
     """
-    hidden, batch_kwargs = [], []
+    hidden, batch_kwargs = None, []
 
     def catch(module, args, kwargs):
         raise _Captured(args, kwargs)
@@ -143,12 +146,25 @@ def capture_block_inputs(model, blocks, tokens: torch.Tensor, batch_size: int, d
             else:
                 raise RuntimeError("the model never called its first decoder block")
             kwargs = dict(kwargs)
-            hidden.append(args[0] if args else kwargs.pop("hidden_states"))
+            x = args[0] if args else kwargs.pop("hidden_states")
             kwargs.pop("hidden_states", None)
             batch_kwargs.append((args[1:], kwargs))
+            if hidden is None:
+                hidden = (alloc or _empty)((tokens.shape[0], *x.shape[1:]), x.dtype, device)
+            hidden[start : start + x.shape[0]] = x
     finally:
         handle.remove()
-    return torch.cat(hidden), batch_kwargs
+    return hidden, batch_kwargs
+
+
+def _empty(shape, dtype, device) -> torch.Tensor:
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _on_block_device(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``x`` where ``block``'s weights are (a no-op unless the activations live elsewhere, on disk)."""
+    param = next(block.parameters(), None)
+    return x if param is None else x.to(param.device)
 
 
 def run_block(block, hidden: torch.Tensor, batch_kwargs, batch_size: int, batches=None, write=True) -> None:
@@ -157,7 +173,7 @@ def run_block(block, hidden: torch.Tensor, batch_kwargs, batch_size: int, batche
     for b in range(len(batch_kwargs)) if batches is None else batches:
         args, kwargs = batch_kwargs[b]
         sl = slice(b * batch_size, (b + 1) * batch_size)
-        result = block(hidden[sl], *args, **kwargs)
+        result = block(_on_block_device(block, hidden[sl]), *args, **kwargs)
         if write:
             hidden[sl] = result[0] if isinstance(result, (tuple, list)) else result
 
@@ -248,7 +264,7 @@ def input_groups(block, layers: dict[str, nn.Module], hidden, batch_kwargs) -> l
     ]
     try:
         args, kwargs = batch_kwargs[0]
-        block(hidden[:1], *args, **_first_sample(kwargs))
+        block(_on_block_device(block, hidden[:1]), *args, **_first_sample(kwargs))
     finally:
         for hook in hooks:
             hook.remove()
@@ -307,22 +323,29 @@ def prune_layer(name: str, layer: nn.Module, stats: dict, config: PruneConfig, s
     pruned = solve(weight.data, stats, config, sparsity)
     error = relative_error(weight.data, pruned, stats["hessian"].hessian)
     weight.data.copy_(pruned)
-    return LayerReport(name, float((pruned == 0).float().mean()), error, time.perf_counter() - start, str(sparsity))
+    zeros = pruned == 0
+    return LayerReport(name, float(zeros.float().mean()), error, time.perf_counter() - start, str(sparsity),
+                       int(zeros.sum()))
 
 
-def prune_block(block, layers, hidden, batch_kwargs, config: PruneConfig, device, sparsities=None) -> list[LayerReport]:
+def prune_block(block, layers, hidden, batch_kwargs, config: PruneConfig, device, reduce=None,
+                sparsities=None) -> list[LayerReport]:
     """Prune every layer of one block in place, then overwrite ``hidden`` [n, L, d] with the
     pruned block's outputs. ``sparsities``: name -> Sparsity, default ``config.sparsity``.
 
     Default (both papers' code): every layer's statistics come from the dense block; then the
     block runs again with pruned weights. ``true_sequential``: each group of layers sees the
     inputs produced by the already-pruned groups before it, in one lockstep pass (``Lockstep``).
+    ``reduce(accumulators)``, when given, combines a group's statistics before it is solved
+    (``ptp.scale`` sums them over processes).
     """
     groups = input_groups(block, layers, hidden, batch_kwargs)
     stats = {tuple(group): new_stats(layers[group[0]], config, device) for group in groups}
     reports: list[LayerReport] = []
 
     def prune_group(group):
+        if reduce is not None:
+            reduce(list(stats[group].values()))
         reports.extend(
             prune_layer(name, layers[name], stats[group], config, (sparsities or {}).get(name, config.sparsity))
             for name in group
@@ -389,19 +412,52 @@ def as_token_batch(batches) -> torch.Tensor:
     return tokens.long()
 
 
-def for_each_block(model, blocks, tokens: torch.Tensor, config: PruneConfig, device, desc: str, work) -> None:
+class BlockHooks:
+    """The extension points of ``prune``'s per-block loop; these defaults do nothing, which is the
+    plain in-memory run. ``ptp.scale`` overrides them to stream weights from disk, keep the
+    activations on disk, checkpoint after every block, and sum statistics across processes.
+    """
+
+    def alloc(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device):
+        """The buffer block 0's inputs [n, L, d] are captured into: a tensor, or any object that
+        reads and writes slices along dim 0 like one."""
+        return _empty(shape, dtype, device)
+
+    def start(self, hidden, report: PruneReport) -> tuple[object, int]:
+        """After the capture: the activations to run from and the first block to process (a resumed
+        run returns the saved inputs of a later block, and adds the earlier layers to ``report``)."""
+        return hidden, 0
+
+    def load_block(self, index: int, block: nn.Module) -> None:
+        """Before block ``index`` moves to the compute device: give it its weights."""
+
+    def reduce(self, accumulators: list) -> None:
+        """Before a group of layers is solved: combine its statistics (``Hessian``, ``InputNorms``)."""
+
+    def block_done(self, index: int, block: nn.Module, hidden, report: PruneReport) -> None:
+        """After block ``index`` is pruned and ``hidden`` holds its outputs (the next block's inputs)."""
+
+
+def for_each_block(model, blocks, tokens: torch.Tensor, config: PruneConfig, device, desc: str, work,
+                   hooks: BlockHooks | None = None, report: PruneReport | None = None) -> None:
     """Capture the first block's inputs, then call ``work(i, block, hidden, batch_kwargs)`` for
     each block in order, with block i (alone) on ``device`` and ``hidden`` holding its inputs;
-    ``work`` must leave the block's outputs in ``hidden``. Everything goes back where it was."""
+    ``work`` must leave the block's outputs in ``hidden``. Everything goes back where it was.
+    ``hooks`` (see ``BlockHooks``) may stream weights, keep activations on disk and resume."""
+    hooks = hooks or BlockHooks()
     use_cache = getattr(model.config, "use_cache", None)
     home = next(blocks[0].parameters()).device
     move_outside_blocks(model, blocks, device)
     try:
-        hidden, batch_kwargs = capture_block_inputs(model, blocks, tokens, config.batch_size, device)
+        hidden, batch_kwargs = capture_block_inputs(model, blocks, tokens, config.batch_size, device, hooks.alloc)
+        hidden, first = hooks.start(hidden, report)
         show = logger.getEffectiveLevel() <= logging.INFO
-        for i, block in enumerate(tqdm(blocks, desc=desc, disable=not show)):
+        for i in tqdm(range(first, len(blocks)), desc=desc, disable=not show, initial=first, total=len(blocks)):
+            block = blocks[i]
+            hooks.load_block(i, block)
             block.to(device)
             work(i, block, hidden, batch_kwargs)
+            hooks.block_done(i, block, hidden, report)
             block.to(home)
     finally:
         move_outside_blocks(model, blocks, home)
@@ -461,34 +517,40 @@ def layer_sparsities(model, tokens, config: PruneConfig, device, all_layers) -> 
 
 
 @torch.no_grad()
-def prune(model: nn.Module, batches, config: PruneConfig) -> PruneReport:
+def prune(model: nn.Module, batches, config: PruneConfig, hooks: BlockHooks | None = None) -> PruneReport:
     """Prune ``model`` in place, block by block, from calibration tokens.
 
     batches: LongTensor [n, L] or a list of [1, L] token tensors.
     Only one decoder block is on the compute device at a time, together with the calibration
-    activations; the embeddings and the head are never pruned.
+    activations; the embeddings and the head are never pruned. ``hooks`` (see ``BlockHooks``)
+    lets ``ptp.scale`` stream, checkpoint and distribute this same loop.
 
     >>> report = ptp.prune(model, tokens, ptp.PruneConfig(method="wanda", sparsity="2:4"))
     >>> report.mean_sparsity
     0.5
     """
     start = time.perf_counter()
+    hooks = hooks or BlockHooks()
     tokens = as_token_batch(batches)
     device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     blocks, all_layers = prunable_layers(model, config)
+    if config.profile == "owl" and type(hooks) is not BlockHooks:
+        raise ConfigError("profile 'owl' needs a plain in-memory run, not --stream, --resume or --nproc")
     sparsities = layer_sparsities(model, tokens, config, device, all_layers)
     report = PruneReport(config.method, str(config.sparsity))
 
     def prune_or_pass(i, block, hidden, batch_kwargs):
         if all_layers[i]:
-            report.layers.extend(prune_block(block, all_layers[i], hidden, batch_kwargs, config, device, sparsities[i]))
+            report.layers.extend(prune_block(block, all_layers[i], hidden, batch_kwargs, config, device,
+                                             hooks.reduce, sparsities[i]))
         else:
             run_block(block, hidden, batch_kwargs, config.batch_size)
 
-    for_each_block(model, blocks, tokens, config, device, f"{config.method} {config.sparsity}", prune_or_pass)
-    pruned = [layer.weight for layers in all_layers for layer in layers.values()]
-    if pruned:
-        report.mean_sparsity = sum(int((w == 0).sum()) for w in pruned) / sum(w.numel() for w in pruned)
+    for_each_block(model, blocks, tokens, config, device, f"{config.method} {config.sparsity}", prune_or_pass,
+                   hooks, report)
+    numel = sum(weight_matrix(layer).numel() for layers in all_layers for layer in layers.values())
+    if numel:
+        report.mean_sparsity = sum(layer.zeros for layer in report.layers) / numel
     report.wall_time_s = time.perf_counter() - start
     logger.info("pruned %d layers to %.4f sparsity in %.1f s", len(report.layers), report.mean_sparsity, report.wall_time_s)
     return report

@@ -168,17 +168,23 @@ def atomic_dir(out: str | Path, overwrite: bool = False):
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.ptp-tmp-", dir=out.parent))
     try:
         yield tmp
-        _publish_permissions(tmp)
-        if out.exists():  # --overwrite: swap in the new directory, then drop the old one
-            old = tmp.with_name(tmp.name + "-old")
-            os.rename(out, old)
-            os.rename(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, out)
+        publish_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def publish_dir(tmp: Path, out: Path) -> None:
+    """The last step of an atomic write: give the finished hidden directory ``tmp`` its final
+    permissions and rename it to ``out`` (with ``--overwrite``, swap the old ``out`` out first)."""
+    _publish_permissions(tmp)
+    if out.exists():  # --overwrite: swap in the new directory, then drop the old one
+        old = tmp.with_name(tmp.name + "-old")
+        os.rename(out, old)
+        os.rename(tmp, out)
+        shutil.rmtree(old)
+    else:
+        os.rename(tmp, out)
 
 
 def _publish_permissions(folder: Path) -> None:
