@@ -468,7 +468,8 @@ def prune(model: nn.Module, batches, config: PruneConfig, hooks: BlockHooks | No
             hooks.block_done(i, block, hidden, report)
             block.to(home)
     finally:
-        move_outside_blocks(model, blocks, home)
+        if home.type != "meta":  # weights streamed in by the hooks are theirs to drop
+            move_outside_blocks(model, blocks, home)
         if use_cache is not None:
             model.config.use_cache = use_cache
     numel = sum(weight_matrix(layer).numel() for layers in all_layers for layer in layers.values())
