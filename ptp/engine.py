@@ -460,7 +460,8 @@ def for_each_block(model, blocks, tokens: torch.Tensor, config: PruneConfig, dev
             hooks.block_done(i, block, hidden, report)
             block.to(home)
     finally:
-        move_outside_blocks(model, blocks, home)
+        if home.type != "meta":  # weights streamed in by the hooks are theirs to drop
+            move_outside_blocks(model, blocks, home)
         if use_cache is not None:
             model.config.use_cache = use_cache
 

@@ -322,8 +322,8 @@ def trim_heap() -> None:
 
     Each block's tensors are freed when the block is done, but glibc keeps small-to-medium freed
     chunks (up to its 32 MB mmap threshold) in a fragmented heap: measured on a 10-block model
-    with 1024-wide layers, the resident size after each block crept from 571 to 833 MB without
-    this, and stayed at 400 MB with it.
+    with 1024-wide layers, the resident size after each block crept from 571 to 833 MiB without
+    this, and stayed at 400 MiB with it.
     """
     global _LIBC
     if _LIBC is None:
