@@ -14,6 +14,7 @@ import torch
 
 from ..config import Sparsity
 from .masks import mask_from_score
+from .sparsegpt import float_copies
 
 
 def _normalised(weight: torch.Tensor, hessian: torch.Tensor, damp: float):
@@ -22,11 +23,7 @@ def _normalised(weight: torch.Tensor, hessian: torch.Tensor, damp: float):
     The objective is unchanged, |W D| is Wanda's score |W_ij| * ||X_j||, and one penalty rho
     suits every layer. Dead inputs (diag H = 0) get weight 0 and a unit diagonal.
     """
-    W = weight.detach().float().clone(memory_format=torch.contiguous_format)
-    H = hessian.float().clone()
-    dead = H.diagonal() == 0
-    H[dead, dead] = 1
-    W[:, dead] = 0
+    W, H, dead = float_copies(weight, hessian)
     H.diagonal().add_(damp * H.diagonal().mean())
     scale = H.diagonal().sqrt()
     return W * scale, H / scale.unsqueeze(0) / scale.unsqueeze(1), scale, dead

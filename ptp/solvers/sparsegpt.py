@@ -34,6 +34,18 @@ def inverse_hessian_cholesky(hessian: torch.Tensor, damp: float, max_tries: int 
     raise torch.linalg.LinAlgError(f"Hessian is not positive definite even with damp={damp / 10:g}")
 
 
+def float_copies(weight: torch.Tensor, hessian: torch.Tensor):
+    """Contiguous float32 copies of W [out, in] (Conv1D passes a transposed view) and H [in, in],
+    with inputs that never fired (diag H = 0) zeroed in W and given a unit diagonal in H, so H
+    stays invertible. Returns (W, H, dead mask [in])."""
+    W = weight.detach().float().clone(memory_format=torch.contiguous_format)
+    H = hessian.float().clone()
+    dead = H.diagonal() == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    return W, H, dead
+
+
 def sparsegpt(
     weight: torch.Tensor,
     hessian: torch.Tensor,
@@ -50,12 +62,8 @@ def sparsegpt(
     it. Input columns that never fired (diag H = 0) are zeroed.
     Returns (pruned weight in weight's dtype, keep mask [out, in]).
     """
-    W = weight.detach().float().clone(memory_format=torch.contiguous_format)  # Conv1D passes a transposed view
-    H = hessian.float().clone()
+    W, H, _ = float_copies(weight, hessian)
     rows, cols = W.shape
-    dead = H.diagonal() == 0
-    H[dead, dead] = 1
-    W[:, dead] = 0
     Hinv = inverse_hessian_cholesky(H, damp)
     del H
 
