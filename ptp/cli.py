@@ -476,7 +476,7 @@ def add_bench(sub) -> None:
     p.add_argument("--prompt-len", type=int, default=DECODE_PROMPT, help="decode prompt length (default %(default)s)")
     p.add_argument("--new-tokens", type=int, default=NEW_TOKENS, help="decode steps timed (default %(default)s)")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs per shape and model (default %(default)s)")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs; the median is reported (default %(default)s)")
+    p.add_argument("--repeats", type=int, default=5, help="timed runs; the median is reported (default %(default)s)")
     p.add_argument("--no-2-4-kernels", action="store_true", help="CUDA: skip the semi-structured 2:4 variant")
     _common_model_args(p)
     p.set_defaults(func=run_bench)

@@ -75,6 +75,14 @@ def test_throughput_report_covers_every_shape_and_says_cpu_gains_nothing():
     assert report.to_dict()["measurements"][0]["kind"] == "prefill"
 
 
+def test_smaller_model_gets_the_shapes_note_not_the_zeros_note():
+    dense = tiny(0)
+    cfg = dense.config.to_dict() | {"intermediate_size": 32}
+    smaller = LlamaForCausalLM(type(dense.config).from_dict(cfg)).eval()
+    text = bench.throughput({"dense": dense, "pruned": smaller}, **SMALL).markdown()
+    assert "models differ in size" in text and "does not make this model faster" not in text
+
+
 def test_is_two_four():
     w = torch.tensor([[1.0, 0, 2, 0, 0, 0, 3, 4], [0, 0, 0, 0, 5, 0, 0, 6]])
     assert bench.is_two_four(w)
