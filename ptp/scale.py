@@ -125,7 +125,7 @@ def all_reduce_stats(accumulators: list) -> None:
     import torch.distributed as dist
 
     for acc in accumulators:
-        data = acc.hessian if isinstance(acc, Hessian) else acc.sq_sum if isinstance(acc, InputNorms) else None
+        data = acc.upper if isinstance(acc, Hessian) else acc.sq_sum if isinstance(acc, InputNorms) else None
         if data is None:
             raise TypeError(f"cannot reduce {type(acc).__name__}")
         count = torch.tensor([float(acc.tokens)], dtype=torch.float64, device=data.device)

@@ -54,6 +54,19 @@ def load_smollm2():
     return model, AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
 
 
+def mask_digest(model) -> str:
+    """SHA-256 of the zero masks of every decoder-block linear weight, in module order: equal
+    digests mean identical masks (``bench_prune.py`` compares ptp's with the reference's)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, module in model.model.layers.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            digest.update(name.encode())
+            digest.update((module.weight == 0).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def stream(tokenizer, path: Path) -> torch.Tensor:
     """The whole file tokenized once: LongTensor [1, T]."""
     return tokenizer(path.read_text(encoding="utf-8"), return_tensors="pt").input_ids
@@ -73,7 +86,7 @@ def run_one(method: str, sparsity: str, data: Path, args) -> dict:
         config = ptp.PruneConfig(method=method, sparsity=spec, true_sequential=args.true_sequential,
                                  profile=profile or None)
         report = ptp.prune(model, calib, config)
-        row.update(prune_s=report.wall_time_s, achieved=report.mean_sparsity)
+        row.update(prune_s=report.wall_time_s, achieved=report.mean_sparsity, masks=mask_digest(model))
     row["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # load + prune
     if not args.no_eval:
         start = time.perf_counter()
@@ -128,7 +141,7 @@ def main() -> None:
         cmd += ["--no-eval"] if args.no_eval else []
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         rows.append(json.loads(out.strip().splitlines()[-1]))
-        print(json.dumps(rows[-1]) if args.json else f"done: {method} {sparsity} ppl {rows[-1]['ppl']:.2f}",
+        print(json.dumps(rows[-1]) if args.json else f"done: {method} {sparsity} ppl {rows[-1].get('ppl', float('nan')):.2f}",
               file=sys.stderr, flush=True)
     print(table(rows, beyond=args.table == "beyond"))
 

@@ -215,6 +215,25 @@ def test_passes_over_the_data():
     assert default == [3 + 1 + 6, 1 + 6, 1 + 6]
 
 
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_statistics_pass_stops_at_the_last_layers_input(family):
+    """The last layer of each block (down_proj / fc2) runs only in the output pass, not in the
+    statistics pass, and the result is still the brute-force driver's (which runs blocks in full)."""
+    calib = tokens(8, 48)
+    model, reference = tiny_model(family), tiny_model(family)
+    _, blocks = find_blocks(model)
+    calls = []
+    for block in blocks:
+        last = [m for m in block.modules() if is_linear(m)][-1]
+        last.register_forward_hook(lambda m, a, o: calls.append(1))
+    ptp.prune(model, calib, ptp.PruneConfig(method="sparsegpt", sparsity="0.5", batch_size=4))
+    assert len(calls) == len(blocks) * (1 + 2)  # the probe, then 2 batches of outputs; none for statistics
+    reference_prune(reference, calib, "sparsegpt", "0.5")
+    theirs = block_linears(reference)
+    for name, layer in block_linears(model).items():
+        assert_same_prune(weight_matrix(layer).detach(), weight_matrix(theirs[name]).detach(), name)
+
+
 def test_lockstep_propagates_errors_and_stops_threads():
     import threading
 

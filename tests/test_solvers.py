@@ -140,6 +140,18 @@ def test_hessian_running_mean_equals_one_shot():
     assert torch.allclose(acc.hessian, 2 * flat.T @ flat / 30, atol=1e-5)
 
 
+def test_hessian_upper_panels_equal_the_full_product(monkeypatch):
+    monkeypatch.setattr(Hessian, "PANEL", 3)  # panels of 3 rows over 8 columns: 3, 3 and a partial 2
+    x = torch.randn(4, 10, 8, dtype=torch.float64).float()
+    acc = Hessian(8)
+    for sample in x:
+        acc.add(sample)
+    flat = x.reshape(-1, 8).double()
+    assert torch.allclose(acc.hessian.double(), 2 * flat.T @ flat / 40, atol=1e-5)
+    assert torch.equal(acc.hessian, acc.hessian.T)
+    assert acc.upper.tril(-1)[3:, :3].abs().sum() == 0  # below the panels: never computed
+
+
 def test_hessian_max_tokens():
     x = torch.randn(20, 4)
     acc = Hessian(4, max_tokens=12)

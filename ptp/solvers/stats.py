@@ -14,12 +14,17 @@ import torch
 class Hessian:
     """Running mean H = 2 X X^T / n over the tokens seen so far ([in, in], float32).
 
+    H is symmetric, so only its upper triangle is accumulated, a panel of ``PANEL`` rows at a
+    time (rows a:b times columns a:): about 40% fewer flops than the full product at 1536 inputs
+    on a 2-core CPU, where this product is a third of SparseGPT's time. ``hessian`` mirrors it.
     ``max_tokens`` stops accumulating after that many tokens: enough to *measure* the
     reconstruction error of a mask chosen without H (Wanda, magnitude) at a fraction of the cost.
     """
 
+    PANEL = 256
+
     def __init__(self, columns: int, device: torch.device | str = "cpu", max_tokens: int | None = None):
-        self.hessian = torch.zeros(columns, columns, dtype=torch.float32, device=device)
+        self.upper = torch.zeros(columns, columns, dtype=torch.float32, device=device)  # rows a:b, columns a:
         self.tokens = 0
         self.max_tokens = max_tokens
 
@@ -30,11 +35,18 @@ class Hessian:
         n = x.shape[0]
         if n == 0:
             return
-        # Rescale the old mean, then add the new tokens scaled so the sum stays a mean.
-        self.hessian *= self.tokens / (self.tokens + n)
+        x = x.float()
+        # The old mean is rescaled and the new tokens added in one addmm, so the sum stays a mean.
+        beta, alpha = self.tokens / (self.tokens + n), 2 / (self.tokens + n)
         self.tokens += n
-        x = x.float() * math.sqrt(2 / self.tokens)
-        self.hessian.addmm_(x.T, x)
+        for a in range(0, x.shape[1], self.PANEL):
+            b = a + self.PANEL
+            self.upper[a:b, a:].addmm_(x[:, a:b].T, x[:, a:], beta=beta, alpha=alpha)
+
+    @property
+    def hessian(self) -> torch.Tensor:
+        """The full symmetric H, a new tensor on every access."""
+        return self.upper.triu() + self.upper.triu(1).T
 
 
 class InputNorms:
