@@ -291,3 +291,12 @@ def test_nm_mask_breaks_ties_like_the_reference_code():
     for i in range(0, 32, 4):
         reference.scatter_(1, i + torch.topk(score[:, i : i + 4], 2, dim=1, largest=False)[1], True)
     assert torch.equal(nm_mask(score, 2, 4), ~reference)
+
+
+def test_per_row_ties_drop_the_lower_indices_first():
+    """Wanda's code sorts each row stably: of equal scores the first columns go. Dequantized
+    checkpoints are full of ties, so this decides whether masks match the reference bit for bit."""
+    score = torch.tensor([[1.0] * 8, [2.0, 1.0, 1.0, 2.0, 1.0, 2.0, 1.0, 2.0]]).repeat(4, 1)
+    keep = unstructured_mask(score, 0.25, per_row=True)
+    assert torch.equal(keep[0], torch.tensor([False, False, True, True, True, True, True, True]))
+    assert torch.equal(keep[1], torch.tensor([True, False, False, True, True, True, True, True]))

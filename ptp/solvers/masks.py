@@ -26,8 +26,8 @@ def unstructured_mask(score: torch.Tensor, ratio: float, per_row: bool = False) 
     if per_row:
         rows = score.shape[0]
         per, extra = divmod(k, rows)
-        if per:
-            keep.scatter_(1, torch.topk(score, per, dim=1, largest=False, sorted=False).indices, False)
+        if per:  # a stable sort, as Wanda's code: of tied scores the lower index goes first
+            keep.scatter_(1, torch.sort(score, dim=1, stable=True).indices[:, :per], False)
         if extra:  # the next-lowest score of each of the first ``extra`` rows
             rest = score[:extra].float().masked_fill(~keep[:extra], float("inf"))
             keep[:extra].scatter_(1, rest.argmin(1, keepdim=True), False)
