@@ -72,30 +72,30 @@ def sparsegpt(
         i2 = min(i1 + blocksize, cols)
         W1 = W[:, i1:i2].clone()
         Hinv1 = Hinv[i1:i2, i1:i2]
+        diag = Hinv1.diagonal()
         Err1 = torch.zeros_like(W1)
-        saliency = W1**2 / Hinv1.diagonal().unsqueeze(0) ** 2
-        if sparsity.is_nm:
-            prune1 = torch.zeros_like(W1, dtype=torch.bool)
-        else:
+        prune1 = torch.zeros_like(W1, dtype=torch.bool)
+        # err_i = (w_i - q_i) / d_i is w_i * scale_i, with scale_i = 1/d_i where pruned, else 0.
+        scale = torch.zeros_like(W1)
+        if not sparsity.is_nm:
+            saliency = W1**2 / diag.unsqueeze(0) ** 2
             k = int(saliency.numel() * sparsity.ratio)
-            prune1 = torch.zeros_like(W1, dtype=torch.bool)
             if k:
                 prune1.view(-1)[torch.topk(saliency.reshape(-1), k, largest=False, sorted=False).indices] = True
+            scale = prune1 / diag.unsqueeze(0)
 
         for i in range(i2 - i1):
-            w = W1[:, i]
-            d = Hinv1[i, i]
             if sparsity.is_nm and i % sparsity.m == 0:
                 # The saliency must use the weights as updated so far, so groups are chosen late.
-                group = W1[:, i : i + sparsity.m] ** 2 / Hinv1.diagonal()[i : i + sparsity.m].unsqueeze(0) ** 2
+                j = slice(i, i + sparsity.m)
+                group = W1[:, j] ** 2 / diag[j].unsqueeze(0) ** 2
                 drop = torch.topk(group, sparsity.m - sparsity.n, dim=1, largest=False, sorted=False).indices
                 prune1.scatter_(1, drop + i, True)
-            q = torch.where(prune1[:, i], 0.0, w)
-            err = (w - q) / d
-            # OBS update of the remaining columns in this block (paper, Eq. 3 / Algorithm 1).
-            W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
-            W1[:, i] = q
-            Err1[:, i] = err
+                scale[:, j] = prune1[:, j] / diag[j].unsqueeze(0)
+            err = torch.mul(W1[:, i], scale[:, i], out=Err1[:, i])
+            # OBS update of this and the remaining columns of the block (paper, Eq. 3 / Algorithm 1):
+            # column i itself becomes w - err * d, i.e. 0 where pruned (up to rounding; masked below).
+            W1[:, i:].addmm_(err.unsqueeze(1), Hinv1[i : i + 1, i:], alpha=-1)  # a k=1 GEMM: 3x faster than addr_ here
 
         W[:, i1:i2] = W1
         prune[:, i1:i2] = prune1
