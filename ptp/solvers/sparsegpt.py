@@ -75,14 +75,14 @@ def sparsegpt(
         diag = Hinv1.diagonal()
         Err1 = torch.zeros_like(W1)
         prune1 = torch.zeros_like(W1, dtype=torch.bool)
-        # err_i = (w_i - q_i) / d_i is w_i * scale_i, with scale_i = 1/d_i where pruned, else 0.
-        scale = torch.zeros_like(W1)
         if not sparsity.is_nm:
             saliency = W1**2 / diag.unsqueeze(0) ** 2
             k = int(saliency.numel() * sparsity.ratio)
             if k:
                 prune1.view(-1)[torch.topk(saliency.reshape(-1), k, largest=False, sorted=False).indices] = True
-            scale = prune1 / diag.unsqueeze(0)
+        # err_i = (w_i - q_i) / d_i is w_i * scale_i, with scale_i = 1/d_i where pruned, else 0
+        # (N:M: all 0 until each group is chosen below).
+        scale = prune1 / diag.unsqueeze(0)
 
         for i in range(i2 - i1):
             if sparsity.is_nm and i % sparsity.m == 0:
