@@ -236,12 +236,15 @@ def _prune_summary(args, config: PruneConfig, seqlen: int, report, record: dict,
         "out": str(args.out), "model": args.model, "method": config.method, "sparsity": str(config.sparsity),
         "calib": args.calib, "nsamples": args.nsamples, "seqlen": seqlen,
         "mean_sparsity": report.mean_sparsity, "layers": len(report.layers),
+        "sparsity_blocks": report.accounting.get("blocks", {}).get("sparsity"),
+        "sparsity_model": report.accounting.get("model", {}).get("sparsity"),
         "mean_error": sum(l.error for l in report.layers) / max(len(report.layers), 1),
         "prune_time_s": report.wall_time_s, "wall_time_s": time.perf_counter() - start,
         "peak_memory_bytes": record["peak_memory_bytes"], "format": args.format, "verified": not args.no_verify,
     }
     lines = [f"pruned {summary['layers']} layers of {args.model} with {config.method} {config.sparsity}: "
              f"achieved sparsity {report.mean_sparsity:.4f}, mean relative error {summary['mean_error']:.4g}",
+             *_accounting_lines(report),
              f"saved to {args.out} ({args.format}{', verified' if not args.no_verify else ''}) "
              f"in {summary['wall_time_s']:.1f} s"]
     if "compression" in record:
@@ -249,6 +252,19 @@ def _prune_summary(args, config: PruneConfig, seqlen: int, report, record: dict,
         lines.append(f"compressed: pruned linear weights {c['pruned_weights_ratio']:.3f}x of dense, "
                      f"whole checkpoint {c['checkpoint_ratio']:.3f}x")
     _emit(args, summary, lines)
+
+
+def _accounting_lines(report) -> list[str]:
+    acc = report.accounting
+    if not acc:
+        return []
+    summary = [f"{label} {acc[key]['sparsity']:.4f} of {acc[key]['params']:,}" for key, label in
+               (("pruned", "pruned weights"), ("blocks", "decoder blocks"), ("model", "whole model"))]
+    reasons: dict[str, int] = {}
+    for d in acc["dense"]:
+        reasons[d["reason"]] = reasons.get(d["reason"], 0) + d["params"]
+    return ["sparsity: " + ", ".join(summary),
+            "left dense: " + (", ".join(f"{n:,} weights {r}" for r, n in reasons.items()) or "nothing")]
 
 
 def _read_profile(spec: str | None):

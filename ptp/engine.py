@@ -17,6 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .config import ConfigError, PruneConfig, Sparsity
+from .units import ExpertUnit, LinearUnit, block_units, is_linear, observe_inputs, skipped  # noqa: F401
 from .solvers import Hessian, InputNorms, admm, magnitude, outlier_share, owl_sparsities, relative_error, sparsegpt, wanda
 
 logger = logging.getLogger("ptp")
@@ -24,6 +25,8 @@ logger = logging.getLogger("ptp")
 # Reconstruction error of masks chosen without a Hessian (Wanda, magnitude) is measured on this
 # many calibration tokens per layer: exact enough to compare layers, far cheaper than all of them.
 ERROR_TOKENS = 4096
+# An expert that saw fewer calibration tokens than this is still pruned from them, with a warning.
+FEW_TOKENS = 16
 
 
 @dataclass
@@ -34,6 +37,8 @@ class LayerReport:
     seconds: float = 0.0  # solver time
     target: str = ""  # the requested sparsity of this layer, e.g. "0.6" or "2:4"
     zeros: int = 0  # zero weights after pruning (the exact count behind ``sparsity``)
+    tokens: int = 0  # calibration tokens its statistics came from (an expert: those routed to it)
+    note: str = ""  # a fallback taken for this unit, e.g. "no calibration tokens: pruned by magnitude"
 
 
 @dataclass
@@ -43,6 +48,9 @@ class PruneReport:
     layers: list[LayerReport] = field(default_factory=list)
     mean_sparsity: float = 0.0  # zeros over all pruned layers' weights (not a mean of ratios)
     wall_time_s: float = 0.0
+    # Zeros and weights of the pruned units, of the decoder blocks and of the whole model, and
+    # what stayed dense and why (``WeightTally.result``).
+    accounting: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -78,28 +86,22 @@ def find_blocks(model: nn.Module, path: str | None = None) -> tuple[str, nn.Modu
     return max(found, key=lambda item: len(item[1]))
 
 
-def is_linear(module: nn.Module) -> bool:
-    """nn.Linear, or GPT-2's Conv1D (a linear layer that stores its weight as [in, out])."""
-    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
-
-
-def weight_matrix(layer: nn.Module) -> torch.Tensor:
-    """The layer's weight as [out, in] (a view: Conv1D stores the transpose)."""
+def weight_matrix(layer) -> torch.Tensor:
+    """The weight of a unit or a linear module as [out, in] (a view: Conv1D stores the transpose)."""
+    if isinstance(layer, (LinearUnit, ExpertUnit)):
+        return layer.matrix()
     return layer.weight.T if type(layer).__name__ == "Conv1D" else layer.weight
 
 
-def skipped(name: str, patterns: tuple[str, ...]) -> bool:
-    """A pattern matches a whole dotted segment run: 'down_proj', 'layers.3', 'model.layers.3.mlp'."""
-    return any(f".{pattern}." in f".{name}." for pattern in patterns)
+def as_unit(name: str, layer):
+    """A weight unit for ``layer``: a unit already, or a linear module (``structured`` passes modules)."""
+    return layer if isinstance(layer, (LinearUnit, ExpertUnit)) else LinearUnit(name, layer)
 
 
-def linear_layers(block: nn.Module, prefix: str, skip: tuple[str, ...]) -> dict[str, nn.Module]:
-    """Full name -> module for each prunable linear layer of the block, in definition order."""
-    return {
-        f"{prefix}.{name}": module
-        for name, module in block.named_modules()
-        if is_linear(module) and not skipped(f"{prefix}.{name}", skip)
-    }
+def linear_layers(block: nn.Module, prefix: str, skip: tuple[str, ...]) -> dict[str, object]:
+    """Full name -> weight unit for everything the block multiplies activations by, in definition
+    order (linear layers, and each expert of a fused expert stack); see ``ptp.units.block_units``."""
+    return block_units(block, prefix, skip)[0]
 
 
 # --------------------------------------------------------------------------- calibration inputs
@@ -259,29 +261,27 @@ class Lockstep:
                 self.turns[b].release()
 
 
-def execution_order(block, layers: dict[str, nn.Module], hidden, batch_kwargs) -> list[tuple[str, torch.Tensor]]:
-    """(layer name, input tensor) for every call of a layer in ``layers`` while one sample runs
-    through the block, in call order."""
+def execution_order(block, layers: dict, hidden, batch_kwargs) -> list[tuple[str, torch.Tensor]]:
+    """(layer name, input tensor) for every call of a linear layer in ``layers`` while one sample
+    runs through the block, in call order. Experts are left out: which of them run depends on the
+    sample (``input_groups`` places them in a fixed order)."""
     order: list[tuple[str, torch.Tensor]] = []
-    hooks = [
-        module.register_forward_pre_hook(lambda m, args, name=name: order.append((name, args[0])))
-        for name, module in layers.items()
-    ]
-    try:
+    linear = {name: as_unit(name, layer) for name, layer in layers.items()}
+    linear = {name: unit for name, unit in linear.items() if unit.kind == "linear"}
+    with observe_inputs(linear, lambda name, x: order.append((name, x))):
         args, kwargs = batch_kwargs[0]
         block(_on_block_device(block, hidden[:1]), *args, **_first_sample(kwargs))
-    finally:
-        for hook in hooks:
-            hook.remove()
     return order
 
 
-def input_groups(block, layers: dict[str, nn.Module], hidden, batch_kwargs, order=None) -> list[list[str]]:
+def input_groups(block, layers: dict, hidden, batch_kwargs, order=None) -> list[list[str]]:
     """Layers grouped by the input they share, in execution order, e.g. [[q, k, v], [o], [gate, up], [down]].
 
     Found by running one sample through the block (or from ``execution_order``'s result):
     consecutive calls on the same input tensor form a group. Layers in a group share one set of
-    statistics; layers never called come last, one per group.
+    statistics; layers never called, then each expert (in definition order, whatever the routing
+    of that sample, so every process of a distributed run holds the same groups) come last, one
+    per group.
     """
     if order is None:
         order = execution_order(block, layers, hidden, batch_kwargs)
@@ -319,7 +319,7 @@ def _first_sample(kwargs: dict) -> dict:
     return out
 
 
-def new_stats(layer: nn.Module, config: PruneConfig, device) -> dict:
+def new_stats(layer, config: PruneConfig, device) -> dict:
     """The accumulators one input group needs: a Hessian (all tokens for SparseGPT and ADMM; a
     sample, for the error report, otherwise) and, for Wanda, the input norms."""
     columns = weight_matrix(layer).shape[1]
@@ -343,21 +343,42 @@ def solve(weight: torch.Tensor, stats: dict, config: PruneConfig, sparsity: Spar
     return pruned
 
 
-def prune_layer(name: str, layer: nn.Module, stats: dict, config: PruneConfig, sparsity: Sparsity) -> LayerReport:
+def prune_layer(name: str, layer, stats: dict, config: PruneConfig, sparsity: Sparsity) -> LayerReport:
+    """Prune one unit in place from its group's statistics.
+
+    A unit that saw no calibration token (an expert the router never chose) has no statistics to
+    solve from: it is pruned by magnitude, with a warning. One that saw fewer than
+    ``FEW_TOKENS`` is pruned by the chosen solver from what it has (its Hessian is dampened like
+    any other), with a warning: its error on other text is less certain.
+    """
     start = time.perf_counter()
     weight = weight_matrix(layer)
-    pruned = solve(weight.data, stats, config, sparsity)
-    error = relative_error(weight.data, pruned, stats["hessian"].hessian)
-    weight.data.copy_(pruned)
+    tokens = stats["hessian"].tokens
+    note = ""
+    if tokens == 0:
+        pruned, _ = magnitude(weight, sparsity)
+        note = "no calibration tokens: pruned by magnitude"
+        logger.warning("%s received no calibration tokens; pruned by magnitude instead of %s", name, config.method)
+        hessian = torch.eye(weight.shape[1], device=weight.device)
+    else:
+        if tokens < FEW_TOKENS:
+            note = f"only {tokens} calibration tokens"
+            logger.warning("%s received only %d calibration tokens; pruned by %s from those", name, tokens,
+                           config.method)
+        pruned = solve(weight, stats, config, sparsity)
+        hessian = stats["hessian"].hessian
+    error = relative_error(weight, pruned, hessian)
+    weight.copy_(pruned)
     zeros = pruned == 0
     return LayerReport(name, float(zeros.float().mean()), error, time.perf_counter() - start, str(sparsity),
-                       int(zeros.sum()))
+                       int(zeros.sum()), tokens, note)
 
 
 def prune_block(block, layers, hidden, batch_kwargs, config: PruneConfig, device, reduce=None,
                 sparsities=None) -> list[LayerReport]:
-    """Prune every layer of one block in place, then overwrite ``hidden`` [n, L, d] with the
-    pruned block's outputs. ``sparsities``: name -> Sparsity, default ``config.sparsity``.
+    """Prune every unit of one block in place, then overwrite ``hidden`` [n, L, d] with the
+    pruned block's outputs. ``layers``: name -> unit (``linear_layers``); ``sparsities``:
+    name -> Sparsity, default ``config.sparsity``.
 
     Default (both papers' code): every layer's statistics come from the dense block; then the
     block runs again with pruned weights. ``true_sequential``: each group of layers sees the
@@ -365,9 +386,11 @@ def prune_block(block, layers, hidden, batch_kwargs, config: PruneConfig, device
     ``reduce(accumulators)``, when given, combines a group's statistics before it is solved
     (``ptp.scale`` sums them over processes).
     """
+    layers = {name: as_unit(name, layer) for name, layer in layers.items()}
     order = execution_order(block, layers, hidden, batch_kwargs)
     groups = input_groups(block, layers, hidden, batch_kwargs, order)
     stats = {tuple(group): new_stats(layers[group[0]], config, device) for group in groups}
+    leader = {group[0]: group for group in stats}
     reports: list[LayerReport] = []
     # The statistics pass may stop at the last layer's input: the rest (e.g. down_proj's product
     # and the residual) would be thrown away, and is about a fifth of a Llama block's work.
@@ -382,26 +405,27 @@ def prune_block(block, layers, hidden, batch_kwargs, config: PruneConfig, device
         )
 
     lockstep = Lockstep(len(batch_kwargs)) if config.true_sequential else None
-    hooks = []
-    for group in stats:
 
-        def accumulate(module, args, group=group):
-            for accumulator in stats[group].values():
-                accumulator.add(args[0])
-            if lockstep is not None:
-                lockstep.pause(group)
-            elif stop in group:
-                raise StatsDone
+    def accumulate(name, x):
+        group = leader[name]
+        for accumulator in stats[group].values():
+            accumulator.add(x)
+        if lockstep is not None:
+            lockstep.pause(group)
+        elif stop in group:
+            raise StatsDone
 
-        hooks.append(layers[group[0]].register_forward_pre_hook(accumulate))
-    try:
+    with observe_inputs({name: layers[name] for name in leader}, accumulate) as seen:
         if lockstep is None:
             run_block(block, hidden, batch_kwargs, config.batch_size, write=False)
         else:
             lockstep.run(lambda b: run_block(block, hidden, batch_kwargs, config.batch_size, [b]), prune_group)
-    finally:
-        for hook in hooks:
-            hook.remove()
+    unseen = {layers[n].name.rpartition(".")[0] for n in leader
+              if layers[n].kind == "expert" and id(layers[n].parameter()) not in seen}
+    if unseen:
+        first = sorted(unseen)[0]
+        raise ConfigError(f"could not observe the inputs of the expert stack {first}: its module multiplies by it "
+                          f"in a way ptp does not recognise; leave it dense with skip={first!r} (--skip {first})")
     if lockstep is None:
         for group in stats:
             prune_group(group)
@@ -409,11 +433,12 @@ def prune_block(block, layers, hidden, batch_kwargs, config: PruneConfig, device
     return reports
 
 
-def prunable_layers(model: nn.Module, config: PruneConfig) -> tuple[nn.ModuleList, list[dict[str, nn.Module]]]:
-    """The decoder blocks and, per block, the linear layers ``config`` will prune.
+def prunable_layers(model: nn.Module, config: PruneConfig) -> tuple[nn.ModuleList, list[dict[str, object]]]:
+    """The decoder blocks and, per block, the weight units ``config`` will prune (name -> unit).
 
-    Raises ConfigError before any work when a layer cannot take the N:M pattern, so the CLI can
-    call this before spending minutes on calibration data.
+    Raises ConfigError before any work when a weight inside a block is not recognised (see
+    ``ptp.units.block_units``) or a unit cannot take the N:M pattern, so the CLI can call this
+    before spending minutes on calibration data.
     """
     blocks_name, blocks = find_blocks(model, config.blocks)
     all_layers = [linear_layers(block, f"{blocks_name}.{i}", config.skip) for i, block in enumerate(blocks)]
@@ -425,7 +450,69 @@ def prunable_layers(model: nn.Module, config: PruneConfig) -> tuple[nn.ModuleLis
                     f"layer {name} has {width} inputs, not a multiple of M={config.sparsity.m}; "
                     f"leave it dense with skip={name!r} (--skip {name})"
                 )
+    if config.true_sequential and any(u.kind == "expert" for layers in all_layers for u in layers.values()):
+        raise ConfigError("true_sequential needs every calibration batch to take the same path through a block, "
+                          "which routing to experts does not; prune this mixture-of-experts model without it")
     return blocks, all_layers
+
+
+def _count(tensors) -> dict:
+    params = sum(t.numel() for t in tensors)
+    zeros = sum(int((t == 0).sum()) for t in tensors)
+    return {"params": params, "zeros": zeros}
+
+
+class WeightTally:
+    """Counts zeros and weights of (a) the pruned units, (b) everything inside the decoder blocks,
+    (c) the whole model, from the tensors themselves, and lists what stays dense and why.
+
+    ``add_block`` counts one block as it is (call it once the block is pruned, while its weights
+    are still in memory: a streamed run drops them right after); ``result`` adds the tensors
+    outside the blocks (embeddings, head, final norm) and returns
+    {"pruned": {"params", "zeros", "sparsity"}, "blocks": {...}, "model": {...},
+    "dense": [{"name", "params", "reason"}]}, reason being "skipped" (by the user), "router",
+    "vector" (norms, biases) or "outside blocks". Tied tensors are counted once.
+    """
+
+    def __init__(self, blocks_name: str, skip: tuple[str, ...]):
+        self.blocks_name, self.skip = blocks_name, skip
+        self.pruned, self.blocks, self.dense = {"params": 0, "zeros": 0}, {"params": 0, "zeros": 0}, []
+        self.dense_by_block: dict[int, list[dict]] = {}
+        self.outside, self.outside_dense = {"params": 0, "zeros": 0}, []
+        self.complete = True
+
+    def add_block(self, index: int, block: nn.Module) -> None:
+        units, left = block_units(block, f"{self.blocks_name}.{index}", self.skip)
+        self.dense_by_block[index] = left
+        for total, part in ((self.pruned, _count([u.matrix() for u in units.values()])),
+                            (self.blocks, _count([p.data for p in dict.fromkeys(block.parameters())]))):
+            total["params"] += part["params"]
+            total["zeros"] += part["zeros"]
+
+    def add_outside(self, name: str, tensor: torch.Tensor) -> None:
+        """Count one tensor outside the blocks (embeddings, head, final norm): dense by design."""
+        self.outside["params"] += tensor.numel()
+        if tensor.is_meta:  # not in memory (a streamed run): its zeros are counted from the files later
+            self.complete = False
+        else:
+            self.outside["zeros"] += int((tensor == 0).sum())
+        self.outside_dense.append({"name": name, "params": tensor.numel(), "reason": "outside blocks"})
+
+    def result(self, model: nn.Module | None = None, blocks: nn.ModuleList | None = None) -> dict:
+        """The totals; with ``model``, its tensors outside ``blocks`` are counted first (unless
+        ``add_outside`` already did)."""
+        if model is not None and not self.outside_dense:
+            inside = {id(p) for p in blocks.parameters()}
+            for name, p in model.named_parameters():  # tied tensors appear once
+                if id(p) not in inside:
+                    self.add_outside(name, p.data)
+        whole = {k: self.blocks[k] + self.outside[k] for k in ("params", "zeros")}
+        result = {"pruned": dict(self.pruned), "blocks": dict(self.blocks), "model": whole}
+        for part in result.values():
+            part["sparsity"] = part["zeros"] / part["params"] if part["params"] else 0.0
+        result["dense"] = [d for i in sorted(self.dense_by_block) for d in self.dense_by_block[i]] + self.outside_dense
+        result["complete"] = self.complete
+        return result
 
 
 def as_token_batch(batches) -> torch.Tensor:
@@ -512,12 +599,9 @@ def outlier_shares(model, tokens, config: PruneConfig, device, all_layers) -> li
             return
         groups = input_groups(block, layers, hidden, batch_kwargs)
         norms = {tuple(g): InputNorms(weight_matrix(layers[g[0]]).shape[1], device) for g in groups}
-        hooks = [layers[g[0]].register_forward_pre_hook(lambda m, args, g=g: norms[g].add(args[0])) for g in norms]
-        try:
+        leader = {g[0]: g for g in norms}
+        with observe_inputs({n: layers[n] for n in leader}, lambda name, x: norms[leader[name]].add(x)):
             run_block(block, hidden, batch_kwargs, config.batch_size)
-        finally:
-            for hook in hooks:
-                hook.remove()
         scores = [weight_matrix(layers[n]).abs() * norms[g].norm for g in norms for n in g]
         shares.append(outlier_share(scores, config.owl_m))
 
@@ -572,18 +656,36 @@ def prune(model: nn.Module, batches, config: PruneConfig, hooks: BlockHooks | No
     sparsities = layer_sparsities(model, tokens, config, device, all_layers)
     report = PruneReport(config.method, str(config.sparsity))
 
+    tally = WeightTally(find_blocks(model, config.blocks)[0], config.skip)
+
     def prune_or_pass(i, block, hidden, batch_kwargs):
         if all_layers[i]:
             report.layers.extend(prune_block(block, all_layers[i], hidden, batch_kwargs, config, device,
                                              hooks.reduce, sparsities[i]))
         else:
             run_block(block, hidden, batch_kwargs, config.batch_size)
+        tally.add_block(i, block)
 
     for_each_block(model, blocks, tokens, config, device, f"{config.method} {config.sparsity}", prune_or_pass,
                    hooks, report)
     numel = sum(weight_matrix(layer).numel() for layers in all_layers for layer in layers.values())
     if numel:
         report.mean_sparsity = sum(layer.zeros for layer in report.layers) / numel
+    report.accounting = tally.result(model, blocks)
     report.wall_time_s = time.perf_counter() - start
-    logger.info("pruned %d layers to %.4f sparsity in %.1f s", len(report.layers), report.mean_sparsity, report.wall_time_s)
+    log_accounting(report)
     return report
+
+
+def log_accounting(report: PruneReport) -> None:
+    """One summary line: pruned units, decoder blocks, whole model, and what stayed dense."""
+    acc = report.accounting
+    logger.info("pruned %d weight matrices to %.4f sparsity in %.1f s", len(report.layers), report.mean_sparsity,
+                report.wall_time_s)
+    if acc and acc["complete"]:
+        reasons: dict[str, int] = {}
+        for d in acc["dense"]:
+            reasons[d["reason"]] = reasons.get(d["reason"], 0) + d["params"]
+        logger.info("sparsity: pruned weights %.4f, decoder blocks %.4f, whole model %.4f; left dense: %s",
+                    acc["pruned"]["sparsity"], acc["blocks"]["sparsity"], acc["model"]["sparsity"],
+                    ", ".join(f"{n:,} {r}" for r, n in reasons.items()) or "nothing")

@@ -32,7 +32,7 @@ from torch import nn
 
 from . import __version__
 from .config import ConfigError, Sparsity, parse_sparsity
-from .engine import weight_matrix
+from .units import find_unit
 
 logger = logging.getLogger("ptp")
 
@@ -251,7 +251,7 @@ def _canonical_zeros(model: nn.Module, layers: list[str]) -> None:
     """Turn -0.0 into +0.0 in the pruned weights (W * mask leaves -0.0 where W < 0), so that the
     compressed format, which stores no zeros, restores them bit for bit."""
     for name in layers:
-        weight = model.get_submodule(name).weight.data
+        weight = find_unit(model, name).matrix()
         weight.masked_fill_(weight == 0, 0)
 
 
@@ -316,7 +316,7 @@ def verify_dir(folder: Path, model: nn.Module, layers: list[str], sparsity: Spar
         for name in layers:
             target = sparsity.get(name) if isinstance(sparsity, dict) else sparsity
             if target is not None:
-                check_sparsity(name, weight_matrix(reloaded.get_submodule(name)), target)
+                check_sparsity(name, find_unit(reloaded, name).matrix(), target)
     logger.info("verified %s: %d tensors identical, %d pruned layers at %s", folder.name, len(expected),
                 len(layers), sparsity)
 
@@ -389,34 +389,65 @@ def _fits_nm(nonzero: torch.Tensor, n: int, m: int) -> bool:
     return nonzero.shape[1] % m == 0 and bool((nonzero.reshape(nonzero.shape[0], -1, m).sum(-1) <= n).all())
 
 
+# Largest compressed shard written (bytes of tensors); a larger state dict is split across files.
+SHARD_BYTES = 4 << 30
+
+
 def compress_dir(folder: Path, model: nn.Module, layers: list[str], sparsity: Sparsity | None) -> dict:
-    """Rewrite every ``*.safetensors`` file of ``folder`` as ``*.ptp.safetensors`` with the pruned
-    layers' weights compressed. Returns the size accounting that goes into ptp.json."""
-    from safetensors.torch import load_file, save_file
+    """Replace the ``*.safetensors`` files of ``folder`` with ``*.ptp.safetensors`` files holding
+    ``model``'s state dict under its own names, with the pruned weights compressed.
+
+    The state dict, not the files ``save_pretrained`` wrote, is the source: transformers 5 saves
+    fused expert stacks ([E, out, in]) back in their per-expert checkpoint layout, while ``load``
+    rebuilds the model from its config and takes tensors by the names it has in memory. A stack is
+    compressed whole, as [E * out, in] rows (N:M groups run along the inputs of each expert).
+    Returns the size accounting that goes into ptp.json.
+    """
+    from safetensors.torch import save_file
 
     nm = (sparsity.n, sparsity.m) if sparsity is not None and sparsity.is_nm else None
-    targets = {f"{name}.weight": name for name in layers}
-    dense_weights = packed_weights = dense_files = packed_files = 0
-    for file in sorted(folder.glob("*.safetensors")):
-        tensors, index = load_file(file), {}
-        dense_files += file.stat().st_size
-        for key in [k for k in tensors if k in targets]:
-            transposed = _is_conv1d(model.get_submodule(targets[key]))
-            matrix = tensors[key].T if transposed else tensors[key]
-            values, bits = compress_weight(matrix, nm)
-            if values.nbytes + bits.nbytes >= matrix.nbytes:
-                continue  # too dense to gain anything: stays an ordinary tensor
-            dense_weights += matrix.nbytes
-            packed_weights += values.nbytes + bits.nbytes
-            del tensors[key]
-            tensors[f"{key}:values"], tensors[f"{key}:mask"] = values, bits
-            index[key] = {"shape": list(matrix.shape), "transposed": transposed}
-        save_file(tensors, folder / (file.name.removesuffix(".safetensors") + COMPRESSED_SUFFIX),
-                  metadata={"format": "pt", "ptp_compressed": json.dumps(index)})
-        file.unlink()
-        packed_files += (folder / (file.name.removesuffix(".safetensors") + COMPRESSED_SUFFIX)).stat().st_size
-    for stale in folder.glob("*.safetensors.index.json"):  # points at files that no longer exist
+    targets: dict[str, tuple[bool, bool]] = {}  # state-dict key -> (stacked, transposed)
+    for name in layers:
+        unit = find_unit(model, name)
+        if unit.kind == "expert":
+            targets[name.rpartition(".")[0]] = (True, unit.transposed)
+        else:
+            targets[f"{name}.weight"] = (False, _is_conv1d(unit.module))
+    dense_files = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+    dense_weights = packed_weights = 0
+    shards: list[tuple[dict, dict]] = [({}, {})]
+    size, stored = 0, set()
+    for key, tensor in model.state_dict().items():
+        if tensor.data_ptr() in stored and tensor.numel():
+            continue  # tied to a tensor already written (the head to the embeddings): load() re-ties it
+        stored.add(tensor.data_ptr())
+        tensor = tensor.detach().cpu()
+        entry: dict[str, torch.Tensor] = {key: tensor.contiguous()}
+        info = None
+        if key in targets:
+            stacked, transposed = targets[key]
+            matrix = tensor.transpose(-1, -2) if transposed else tensor
+            values, bits = compress_weight(matrix.reshape(-1, matrix.shape[-1]), nm)
+            if values.nbytes + bits.nbytes < matrix.nbytes:  # else too dense to gain: stays as it is
+                dense_weights += matrix.nbytes
+                packed_weights += values.nbytes + bits.nbytes
+                entry = {f"{key}:values": values, f"{key}:mask": bits}
+                info = {"shape": list(matrix.shape), "transposed": transposed}
+        nbytes = sum(t.nbytes for t in entry.values())
+        if size and size + nbytes > SHARD_BYTES:
+            shards.append(({}, {}))
+            size = 0
+        shards[-1][0].update(entry)
+        if info is not None:
+            shards[-1][1][key] = info
+        size += nbytes
+    for stale in list(folder.glob("*.safetensors")) + list(folder.glob("*.safetensors.index.json")):
         stale.unlink()
+    packed_files = 0
+    for i, (tensors, index) in enumerate(shards):
+        name = "model" + (f"-{i + 1:05d}-of-{len(shards):05d}" if len(shards) > 1 else "") + COMPRESSED_SUFFIX
+        save_file(tensors, folder / name, metadata={"format": "pt", "ptp_compressed": json.dumps(index)})
+        packed_files += (folder / name).stat().st_size
     sizes = {
         "pruned_weights_dense_bytes": dense_weights,
         "pruned_weights_compressed_bytes": packed_weights,
@@ -425,7 +456,7 @@ def compress_dir(folder: Path, model: nn.Module, layers: list[str], sparsity: Sp
         "checkpoint_compressed_bytes": packed_files,
         "checkpoint_ratio": packed_files / dense_files if dense_files else 1.0,
     }
-    logger.info("compressed: pruned linear weights %.3fx of dense, whole checkpoint %.3fx",
+    logger.info("compressed: pruned weights %.3fx of dense, whole checkpoint %.3fx",
                 sizes["pruned_weights_ratio"], sizes["checkpoint_ratio"])
     return sizes
 
@@ -448,7 +479,7 @@ def read_compressed(folder: str | Path) -> dict[str, torch.Tensor]:
                     state[key] = f.get_tensor(key)
             for key, info in index.items():
                 weight = decompress_weight(f.get_tensor(f"{key}:values"), f.get_tensor(f"{key}:mask"), info["shape"])
-                state[key] = weight.T.contiguous() if info["transposed"] else weight
+                state[key] = weight.transpose(-1, -2).contiguous() if info["transposed"] else weight
     return state
 
 

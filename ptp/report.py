@@ -80,7 +80,27 @@ def markdown(record: dict) -> str:
     for r in rows:
         lines.append(f"| {r['block']} | {r['layers']} | {r['sparsity']:.4f} | {r['error']:.4g} | "
                      f"{r['worst_layer']} ({r['worst_error']:.4g}) | {r['seconds']:.1f} |")
-    return "\n".join(lines)
+    return "\n".join(lines + accounting_lines(record))
+
+
+def accounting_lines(record: dict) -> list[str]:
+    """The sparsity of the pruned weights, the decoder blocks and the whole model, and the weights
+    left dense grouped by reason (markdown), from the record's ``report.accounting``."""
+    acc = record.get("report", {}).get("accounting")
+    if not acc:
+        return []
+    lines = ["", "| weights | count | zeros | sparsity |", "|---|---|---|---|"]
+    for key, label in (("pruned", "pruned"), ("blocks", "all in decoder blocks"), ("model", "whole model")):
+        part = acc[key]
+        lines.append(f"| {label} | {part['params']:,} | {part['zeros']:,} | {part['sparsity']:.4f} |")
+    reasons: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for d in acc.get("dense", []):
+        reasons[d["reason"]][0] += 1
+        reasons[d["reason"]][1] += d["params"]
+    if reasons:
+        lines += ["", "Left dense: " + "; ".join(f"{why} ({n} tensors, {p:,} weights)"
+                                                 for why, (n, p) in reasons.items())]
+    return lines
 
 
 def plot(record: dict, path: str | Path) -> Path:
@@ -95,6 +115,7 @@ def plot(record: dict, path: str | Path) -> Path:
     series: dict[str, list[tuple[int, float, float]]] = defaultdict(list)
     for layer in layer_rows(record):
         block, kind = split_name(layer["name"])
+        kind = re.sub(r"\.\d+$", "", kind)  # every expert of a stack is one series
         series[kind].append((block, layer["sparsity"], layer["error"]))
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6.5), sharex=True)
     for kind, points in sorted(series.items()):

@@ -44,7 +44,9 @@ from torch import nn
 
 from . import __version__, io
 from .config import ConfigError, PruneConfig
-from .engine import (BlockHooks, LayerReport, PruneReport, as_token_batch, find_blocks, prunable_layers, prune, weight_matrix)
+from .engine import (BlockHooks, LayerReport, PruneReport, WeightTally, as_token_batch, find_blocks, log_accounting,
+                     prunable_layers, prune)
+from .units import find_unit
 from .solvers import Hessian, InputNorms
 
 logger = logging.getLogger("ptp")
@@ -235,11 +237,14 @@ def would_not_fit(model: str) -> bool:
 class Shards:
     """The safetensors files of a model directory: which file holds each tensor; reads a few at a time."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, file: str | None = None):
         from safetensors import safe_open
 
         index = folder / INDEX
-        if index.is_file():
+        if file is not None:  # one file of a checkpoint being written
+            with safe_open(str(folder / file), framework="pt") as f:
+                self.file = dict.fromkeys(f.keys(), folder / file)
+        elif index.is_file():
             weight_map = json.loads(index.read_text())["weight_map"]
             self.file = {key: folder / name for key, name in weight_map.items()}
         elif (folder / "model.safetensors").is_file():
@@ -621,7 +626,7 @@ class Stream(Distributed):
         if self.rank == 0:
             io._canonical_zeros(self.model, pruned)  # as io.save does: -0.0 -> +0.0 in pruned weights
             for name in pruned if self.verify else ():
-                io.check_sparsity(name, weight_matrix(self.model.get_submodule(name)), self.config.sparsity)
+                io.check_sparsity(name, find_unit(self.model, name).matrix(), self.config.sparsity)
             tensors = {prefix + k: v for k, v in block.state_dict().items()}
             write_shard(self.work / self.block_files[index], tensors, self.verify)
         if isinstance(hidden, DiskActivations):
@@ -645,10 +650,24 @@ class Stream(Distributed):
         """Copy the tensors outside the blocks, write index, config, tokenizer and ptp.json, check
         the set of tensors, drop the checkpoint files and rename the directory to ``out``."""
         weight_map = {key: self.block_files[i] for i, keys in enumerate(self.block_keys) for key in keys}
+        # The weight accounting is recounted from the files written (a resumed run never held its
+        # first blocks, and the tensors outside the blocks are not in memory now).
+        tally = WeightTally(self.blocks_name, self.config.skip)
+        for i, block in enumerate(self.blocks):
+            prefix = f"{self.blocks_name}.{i}."
+            materialise(block, prefix, Shards(self.work, self.block_files[i]).read(self.block_keys[i]))
+            tally.add_block(i, block)
+            block.to("meta")
         for file, keys in self.outside_files:
-            write_shard(self.work / file, self.shards.read(keys, self.dtype), verify)
+            tensors = self.shards.read(keys, self.dtype)
+            for key, tensor in tensors.items():
+                tally.add_outside(key, tensor)
+            write_shard(self.work / file, tensors, verify)
             weight_map.update(dict.fromkeys(keys, file))
+            del tensors
             trim_heap()
+        report.accounting = tally.result()
+        log_accounting(report)
         from safetensors import safe_open
 
         total = 0
