@@ -103,6 +103,15 @@ def add_prune(sub) -> None:
     p.add_argument("--owl-m", type=float, default=d.owl_m, help="OWL outlier threshold, times the mean score")
     p.add_argument("--owl-lambda", type=float, default=d.owl_lambda, help="OWL's largest deviation from --sparsity")
     p.add_argument("--true-sequential", action="store_true", help="prune each group of layers from the already-pruned ones before it (one pass, more memory)")
+    p.add_argument("--reconstruct", action="store_true",
+                   help="after each block is pruned, tune its kept weights (mask frozen) so its output matches "
+                        "the dense block's; held-out windows decide per block whether the tuning is kept")
+    p.add_argument("--recon-epochs", type=int, default=d.recon_epochs, help="reconstruction passes over the windows")
+    p.add_argument("--recon-lr", type=float, default=d.recon_lr, help="reconstruction Adam learning rate")
+    p.add_argument("--recon-batch", type=int, default=d.recon_batch, help="calibration windows per reconstruction step")
+    p.add_argument("--recon-holdout", type=int, default=d.recon_holdout,
+                   help="calibration windows held out of the steps, to check each block's tuning")
+    p.add_argument("--recon-norms", action="store_true", help="also tune the blocks' norm scales")
     p.add_argument("--skip", action="append", default=[], metavar="LAYER",
                    help="leave layers dense: a name or dotted suffix (down_proj, layers.3); repeat or comma-separate")
     p.add_argument("--blocks", default=None, help="dotted path of the decoder blocks (found automatically)")
@@ -144,7 +153,11 @@ def run_prune(args) -> int:
         true_sequential=args.true_sequential, blocks=args.blocks, batch_size=args.batch_size, device=args.device,
         skip=tuple(s.strip() for item in args.skip for s in item.split(",") if s.strip()),
         profile=_read_profile(args.profile), owl_m=args.owl_m, owl_lambda=args.owl_lambda,
+        reconstruct=args.reconstruct, recon_epochs=args.recon_epochs, recon_lr=args.recon_lr,
+        recon_batch=args.recon_batch, recon_holdout=args.recon_holdout, recon_norms=args.recon_norms,
     )
+    if args.reconstruct and (args.stream or args.resume or args.nproc > 1):
+        raise ConfigError("--reconstruct needs the model in memory in one process: drop --stream, --resume, --nproc")
     if args.format not in ("dense", "compressed"):
         raise ConfigError(f"unknown format {args.format!r}; choose dense or compressed")
     budget = scale.parse_size(args.act_budget)

@@ -85,6 +85,12 @@ class PruneConfig:
                      the layers that should differ from ``sparsity``.
     owl_m, owl_lambda: OWL's outlier threshold (times the block's mean score) and the largest
                      deviation of a block's sparsity from the target.
+    reconstruct:     after each block is pruned, tune its kept weights by Adam so that its output on
+                     the pruned model's inputs matches the dense block's on the dense inputs (mask
+                     frozen; see ``ptp.reconstruct``). ``recon_epochs`` passes over the windows,
+                     ``recon_batch`` windows per step, learning rate ``recon_lr``; the last
+                     ``recon_holdout`` windows are held out and decide, per block, whether the
+                     tuned or the solver's weights are kept; ``recon_norms`` tunes norm scales too.
     """
 
     method: str = "sparsegpt"
@@ -99,6 +105,12 @@ class PruneConfig:
     profile: str | dict | None = None
     owl_m: float = 5.0
     owl_lambda: float = 0.08
+    reconstruct: bool = False
+    recon_epochs: int = 4
+    recon_lr: float = 1e-4
+    recon_batch: int = 4
+    recon_holdout: int = 4
+    recon_norms: bool = False
 
     def __post_init__(self):
         self.sparsity = parse_sparsity(self.sparsity)
@@ -115,6 +127,13 @@ class PruneConfig:
             raise ConfigError(f"batch_size must be positive, got {self.batch_size}")
         self.skip = tuple(self.skip)
         self._check_profile()
+        if self.recon_epochs < 0 or self.recon_lr <= 0 or self.recon_batch < 1 or self.recon_holdout < 1:
+            raise ConfigError("reconstruction needs recon_epochs >= 0, recon_lr > 0, recon_batch >= 1 and "
+                              f"recon_holdout >= 1; got {self.recon_epochs}, {self.recon_lr}, {self.recon_batch}, "
+                              f"{self.recon_holdout}")
+        if self.reconstruct and self.true_sequential:
+            raise ConfigError("reconstruct and true_sequential cannot be combined: true-sequential overwrites "
+                              "the block's inputs while it prunes, and reconstruction needs them")
 
     def _check_profile(self) -> None:
         if self.profile is None:

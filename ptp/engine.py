@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from .config import ConfigError, PruneConfig, Sparsity
 from .units import ExpertUnit, LinearUnit, block_units, is_linear, observe_inputs, skipped  # noqa: F401
+from .reconstruct import tune_block
 from .solvers import Hessian, InputNorms, admm, magnitude, outlier_share, owl_sparsities, relative_error, sparsegpt, wanda
 
 logger = logging.getLogger("ptp")
@@ -51,6 +52,9 @@ class PruneReport:
     # Zeros and weights of the pruned units, of the decoder blocks and of the whole model, and
     # what stayed dense and why (``WeightTally.result``).
     accounting: dict = field(default_factory=dict)
+    # With ``reconstruct``: one ``BlockTuning`` dict per pruned block (held-out error before and
+    # after, which weights were kept).
+    reconstruction: list[dict] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -375,7 +379,7 @@ def prune_layer(name: str, layer, stats: dict, config: PruneConfig, sparsity: Sp
 
 
 def prune_block(block, layers, hidden, batch_kwargs, config: PruneConfig, device, reduce=None,
-                sparsities=None) -> list[LayerReport]:
+                sparsities=None, before_output=None) -> list[LayerReport]:
     """Prune every unit of one block in place, then overwrite ``hidden`` [n, L, d] with the
     pruned block's outputs. ``layers``: name -> unit (``linear_layers``); ``sparsities``:
     name -> Sparsity, default ``config.sparsity``.
@@ -384,7 +388,8 @@ def prune_block(block, layers, hidden, batch_kwargs, config: PruneConfig, device
     block runs again with pruned weights. ``true_sequential``: each group of layers sees the
     inputs produced by the already-pruned groups before it, in one lockstep pass (``Lockstep``).
     ``reduce(accumulators)``, when given, combines a group's statistics before it is solved
-    (``ptp.scale`` sums them over processes).
+    (``ptp.scale`` sums them over processes). ``before_output(layers)``, when given, runs once every
+    layer is pruned and before the outputs are written (block reconstruction tunes the block there).
     """
     layers = {name: as_unit(name, layer) for name, layer in layers.items()}
     order = execution_order(block, layers, hidden, batch_kwargs)
@@ -429,8 +434,27 @@ def prune_block(block, layers, hidden, batch_kwargs, config: PruneConfig, device
     if lockstep is None:
         for group in stats:
             prune_group(group)
+        if before_output is not None:
+            before_output(layers)
         run_block(block, hidden, batch_kwargs, config.batch_size)
     return reports
+
+
+def tunable_weights(layers: dict) -> list[tuple[nn.Parameter, torch.Tensor]]:
+    """(parameter, mask of its kept entries) for each parameter holding pruned units: a Linear's
+    weight, or a fused expert stack (only its experts that were pruned; skipped ones stay fixed)."""
+    out: dict[int, tuple[nn.Parameter, torch.Tensor]] = {}
+    for unit in layers.values():
+        param = unit.parameter()
+        if id(param) not in out:
+            out[id(param)] = (param, torch.zeros_like(param, dtype=torch.bool))
+        mask = out[id(param)][1]
+        if unit.kind == "expert":
+            piece = mask[unit.index]
+            piece.copy_(unit.matrix().T != 0 if unit.transposed else unit.matrix() != 0)
+        else:
+            mask.copy_(param.data != 0)
+    return list(out.values())
 
 
 def prunable_layers(model: nn.Module, config: PruneConfig) -> tuple[nn.ModuleList, list[dict[str, object]]]:
@@ -657,11 +681,33 @@ def prune(model: nn.Module, batches, config: PruneConfig, hooks: BlockHooks | No
     report = PruneReport(config.method, str(config.sparsity))
 
     tally = WeightTally(find_blocks(model, config.blocks)[0], config.skip)
+    if config.reconstruct:
+        if type(hooks) is not BlockHooks:
+            raise ConfigError("reconstruct needs a plain in-memory run, not --stream, --resume or --nproc")
+        if tokens.shape[0] <= config.recon_holdout:
+            raise ConfigError(f"reconstruction holds out {config.recon_holdout} calibration windows and needs more "
+                              f"than that; got {tokens.shape[0]} (raise nsamples or lower recon_holdout)")
+    dense = {}  # reconstruct: the dense model's activations at the current block, beside the pruned ones
 
     def prune_or_pass(i, block, hidden, batch_kwargs):
+        tune = None
+        if config.reconstruct and all_layers[i]:
+            if "hidden" not in dense:
+                dense["hidden"] = hidden.clone()  # block 0's inputs are the same for both models
+            run_block(block, dense["hidden"], batch_kwargs, config.batch_size)  # -> the dense block's outputs
+
+            def tune(layers):
+                extra = [p for n, p in block.named_parameters() if p.dim() == 1 and "norm" in n.lower()]
+                report.reconstruction.append(tune_block(
+                    i, block, tunable_weights(layers), hidden, dense["hidden"], batch_kwargs, config.batch_size,
+                    epochs=config.recon_epochs, lr=config.recon_lr, step_batch=config.recon_batch,
+                    holdout=config.recon_holdout, extra=extra if config.recon_norms else []).to_dict())
+        elif config.reconstruct:
+            if "hidden" in dense:
+                run_block(block, dense["hidden"], batch_kwargs, config.batch_size)
         if all_layers[i]:
             report.layers.extend(prune_block(block, all_layers[i], hidden, batch_kwargs, config, device,
-                                             hooks.reduce, sparsities[i]))
+                                             hooks.reduce, sparsities[i], tune if config.recon_epochs else None))
         else:
             run_block(block, hidden, batch_kwargs, config.batch_size)
         tally.add_block(i, block)

@@ -80,7 +80,20 @@ def markdown(record: dict) -> str:
     for r in rows:
         lines.append(f"| {r['block']} | {r['layers']} | {r['sparsity']:.4f} | {r['error']:.4g} | "
                      f"{r['worst_layer']} ({r['worst_error']:.4g}) | {r['seconds']:.1f} |")
-    return "\n".join(lines + accounting_lines(record))
+    return "\n".join(lines + accounting_lines(record) + reconstruction_lines(record))
+
+
+def reconstruction_lines(record: dict) -> list[str]:
+    """Per block: the held-out output error before and after tuning, and which weights were kept."""
+    tunings = record.get("report", {}).get("reconstruction")
+    if not tunings:
+        return []
+    lines = ["", "| block | held-out error, solver | held-out error, tuned | kept | train error first → last epoch | steps | seconds |",
+             "|---|---|---|---|---|---|---|"]
+    for t in tunings:
+        lines.append(f"| {t['block']} | {t['heldout_before']:.4g} | {t['heldout_after']:.4g} | {t['kept']} | "
+                     f"{t['train_before']:.4g} → {t['train_after']:.4g} | {t['steps']} | {t['seconds']:.1f} |")
+    return lines
 
 
 def accounting_lines(record: dict) -> list[str]:
