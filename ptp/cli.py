@@ -561,9 +561,59 @@ def run_report(args) -> int:
     return 0
 
 
+def add_sweep(sub) -> None:
+    p = sub.add_parser("sweep", help="structured vs unstructured vs N:M on this model and this machine, measured",
+                       description="Prune MODEL once per cell (method x pattern, and structured ratios) from the same "
+                                   "calibration windows; evaluate, benchmark against dense and size every cell; "
+                                   "write sweep.json, sweep.md and sweep.png to --out.")
+    p.add_argument("model", help="hub ID, local model directory, .gguf file, or smollm2-135m")
+    p.add_argument("--calib", default="wikitext2", metavar="SOURCE", help="calibration source, as for prune")
+    p.add_argument("--nsamples", type=int, default=128, help="calibration windows (default %(default)s)")
+    p.add_argument("--seqlen", type=int, default=None, help="tokens per calibration window")
+    p.add_argument("--seed", type=int, default=0, help="seed of the window draw")
+    p.add_argument("--methods", default="wanda,sparsegpt", help="comma-separated solvers (default %(default)s)")
+    p.add_argument("--sparsities", default="0.5,2:4", help="comma-separated patterns (default %(default)s)")
+    p.add_argument("--structured", default="", help="comma-separated structured ratios, e.g. 0.2,0.35")
+    p.add_argument("--ppl", default="wikitext2", help="comma-separated evaluation texts; the first ranks the cells")
+    p.add_argument("--ppl-seqlen", type=int, default=1024, help="evaluation window length")
+    p.add_argument("--ppl-limit", type=int, default=32, help="evaluation windows per text (default %(default)s)")
+    p.add_argument("--tasks", default="", help="comma-separated lm-eval tasks")
+    p.add_argument("--task-limit", type=int, default=None, help="examples per task")
+    p.add_argument("--bench", action="store_true", help="measure decode and prefill tokens/s against dense")
+    p.add_argument("--bench-repeats", type=int, default=3, help="timed repeats per measurement (median)")
+    p.add_argument("--reconstruct", action="store_true", help="block reconstruction on every unstructured/N:M cell")
+    p.add_argument("--max-ppl-increase", type=float, default=0.25,
+                   help="quality budget of the 'fastest within' goal (default %(default)s = 25%%)")
+    p.add_argument("--dtype", default="auto", help="auto, float32, float16 or bfloat16")
+    p.add_argument("--resume", action="store_true", help="continue the sweep in --out; finished cells are kept")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory (new or empty, or --resume)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or info logs")
+    p.set_defaults(func=run_sweep)
+
+
+def run_sweep(args) -> int:
+    from .sweep import SweepConfig, markdown, run_sweep as sweep
+
+    for name in ("nsamples", "ppl_seqlen", "ppl_limit", "bench_repeats"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    _quiet_libraries(args)
+    config = SweepConfig(
+        model=args.model, out=args.out, calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
+        methods=tuple(_csv(args.methods)), sparsities=tuple(_csv(args.sparsities)),
+        structured=tuple(float(r) for r in _csv(args.structured)), ppl=tuple(_csv(args.ppl)),
+        ppl_seqlen=args.ppl_seqlen, ppl_limit=args.ppl_limit, tasks=tuple(_csv(args.tasks)),
+        task_limit=args.task_limit, bench=args.bench, bench_repeats=args.bench_repeats, dtype=args.dtype,
+        reconstruct=args.reconstruct, max_ppl_increase=args.max_ppl_increase, resume=args.resume)
+    result = sweep(config)
+    if not args.quiet:
+        print(markdown(result))
+    return 0
+
+
 COMMANDS: list = []
 COMMANDS += [add_prune, add_export]
-COMMANDS += [add_eval, add_bench, add_report]
+COMMANDS += [add_eval, add_bench, add_report, add_sweep]
 
 if __name__ == "__main__":
     sys.exit(main())
