@@ -84,16 +84,45 @@ def run_one(method: str, sparsity: str, data: Path, args) -> dict:
         calib = random_windows(stream(tokenizer, data / "valid.tokens.txt"), args.nsamples, args.seqlen, args.seed)
         spec, _, profile = sparsity.partition("+")
         config = ptp.PruneConfig(method=method, sparsity=spec, true_sequential=args.true_sequential,
-                                 profile=profile or None)
+                                 profile=profile or None, reconstruct=args.reconstruct, recon_lr=args.recon_lr,
+                                 recon_epochs=args.recon_epochs)
         report = ptp.prune(model, calib, config)
         row.update(prune_s=report.wall_time_s, achieved=report.mean_sparsity, masks=mask_digest(model))
+        if report.reconstruction:
+            row["blocks_tuned"] = sum(t["kept"] == "tuned" for t in report.reconstruction)
     row["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # load + prune
     if not args.no_eval:
         start = time.perf_counter()
         test = stream(tokenizer, data / "test.raw.txt")
         row["ppl"] = perplexity_of_tokens(model, test, 1024, limit=32, progress=False)
+        if args.agreement and method != "dense":
+            from ptp.evaluate import compare_on_tokens
+
+            dense = load_smollm2()[0]
+            agree = compare_on_tokens(model, dense, test, 1024, limit=32, progress=False)
+            row.update(kl_test=agree.kl, top1_test=agree.top1)
+            other = self_text(dense, tokenizer)  # another domain than the calibration: the model's own samples
+            agree = compare_on_tokens(model, dense, other.reshape(1, -1), 512, progress=False)
+            row.update(kl_self=agree.kl, top1_self=agree.top1)
         row["eval_s"] = time.perf_counter() - start
     return row
+
+
+SELF_SEED, SELF_WINDOWS = 1234, 8
+
+
+def self_text(dense, tokenizer) -> torch.Tensor:
+    """8 windows of 512 tokens the dense model samples itself (seed 1234, not the calibration's),
+    cached in runs/ so that every row is compared on the same text."""
+    from ptp.data import self_calibration
+
+    cache = Path(__file__).resolve().parents[1] / "runs" / f"self-{SELF_SEED}-{SELF_WINDOWS}x512.pt"
+    if cache.is_file():
+        return torch.load(cache)
+    cache.parent.mkdir(exist_ok=True)
+    tokens = self_calibration(dense, tokenizer, SELF_WINDOWS, 512, SELF_SEED)
+    torch.save(tokens, cache)
+    return tokens
 
 
 def table(rows: list[dict], beyond: bool = False) -> str:
@@ -126,6 +155,11 @@ def main() -> None:
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--true-sequential", action="store_true")
+    parser.add_argument("--reconstruct", action="store_true", help="block reconstruction after each block")
+    parser.add_argument("--recon-lr", type=float, default=3e-4)
+    parser.add_argument("--recon-epochs", type=int, default=4)
+    parser.add_argument("--agreement", action="store_true",
+                        help="also KL(dense||pruned) and top-1 on the test windows and on 8 x 512 self-sampled tokens")
     parser.add_argument("--json", action="store_true", help="print one JSON object per row")
     parser.add_argument("--no-eval", action="store_true", help="prune only (for timing); no perplexity")
     args = parser.parse_args()
@@ -139,6 +173,9 @@ def main() -> None:
                "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--seed", str(args.seed)]
         cmd += ["--true-sequential"] if args.true_sequential else []
         cmd += ["--no-eval"] if args.no_eval else []
+        cmd += ["--reconstruct", "--recon-lr", str(args.recon_lr), "--recon-epochs", str(args.recon_epochs)] \
+            if args.reconstruct else []
+        cmd += ["--agreement"] if args.agreement else []
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         rows.append(json.loads(out.strip().splitlines()[-1]))
         print(json.dumps(rows[-1]) if args.json else f"done: {method} {sparsity} ppl {rows[-1].get('ppl', float('nan')):.2f}",
