@@ -671,9 +671,9 @@ class Stream(Distributed):
         self.record["stream"] = {"activations": self.activations, "act_budget_bytes": self.act_budget,
                                  "processes": self.world, "resumed_at_block": self.done,
                                  "shards": len(self.block_files) + len(self.outside_files)}
-        (self.work / "ptp.json").write_text(json.dumps(self.record, indent=2) + "\n")
         for leftover in [STATE, *(p.name for p in self.work.glob("activations-rank*.bin"))]:
             (self.work / leftover).unlink(missing_ok=True)
+        self.record = io.integrity.write_record(self.work, self.record)  # last: checksums of every file
         io.publish_dir(self.work, self.out)
         logger.info("saved %s (dense, %d shards%s)", self.out, len(set(weight_map.values())),
                     ", every tensor verified" if verify else "")
