@@ -72,6 +72,11 @@ def read_record(folder: str | Path) -> dict | None:
     path = Path(folder) / RECORD
     if not path.is_file():
         return None
+    return parse_record(path)
+
+
+def parse_record(path: Path) -> dict:
+    """The record in the file ``path``; ConfigError unless it is a genuine ptp record."""
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as err:
@@ -234,3 +239,51 @@ def overwrite_problem(folder: Path) -> str | None:
         shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
         return f"it holds entries ptp does not write ({shown}); move them away or choose another --out"
     return None
+
+
+# --------------------------------------------------------------------------- ptp report
+
+
+def stored_zeros(folder: Path, names: list[str]) -> dict[str, tuple[int, int]]:
+    """(zeros, numel) of the weight of each layer in ``names``, read from ``folder``'s safetensors
+    files (dense or compressed) without building the model."""
+    wanted = {f"{name}.weight": name for name in names}
+    out = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(file) as f:
+            index = compressed_index(f, file) if file.name.endswith(".ptp.safetensors") else {}
+            for key in (k for k in f.keys() if k in wanted):
+                tensor = get_tensor(f, file, key)
+                out[wanted[key]] = (int((tensor == 0).sum()), tensor.numel())
+            for key in (k for k in index if k in wanted):
+                values = get_tensor(f, file, f"{key}:values")
+                numel = index[key]["shape"][0] * index[key]["shape"][1]
+                out[wanted[key]] = (numel - int(torch.count_nonzero(values)), numel)
+    return out
+
+
+def measured_record(path: str | Path, verify: bool = True) -> dict:
+    """The ptp.json of ``path`` (a directory, or the file) with each layer's sparsity and zeros as
+    its stored weights have them. Refuses (ConfigError) a record that disagrees with the tensors:
+    the report must describe the model, not what someone wrote into ptp.json."""
+    from .report import layer_rows
+
+    path = Path(path)
+    folder, file = (path, path / RECORD) if path.is_dir() else (path.parent, path)
+    if not file.is_file():
+        raise ConfigError(f"no ptp.json in {path}: not a directory written by ptp prune")
+    record = parse_record(file)
+    if verify and file.name == RECORD:
+        check_files(folder)
+    layers = layer_rows(record)
+    zeros = stored_zeros(folder, [layer["name"] for layer in layers])
+    for layer in layers:
+        if layer["name"] not in zeros:
+            raise ConfigError(f"{folder}: ptp.json reports layer {layer['name']}, whose weight is in no safetensors file")
+        count, numel = zeros[layer["name"]]
+        claimed = layer.get("zeros") or round(layer["sparsity"] * numel)
+        if count != claimed or abs(count / numel - layer["sparsity"]) > 0.5 / numel:
+            raise ConfigError(f"{folder}: ptp.json says {layer['name']} has sparsity {layer['sparsity']:.4f}, "
+                              f"its stored weight has {count / numel:.4f}: the record does not describe these tensors")
+        layer.update(sparsity=count / numel, zeros=count)
+    return record

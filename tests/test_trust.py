@@ -308,3 +308,26 @@ def test_prune_takes_a_dict_config_or_says_what_it_needs():
         ptp.prune(a, tokens, {"methd": "wanda"})
     with pytest.raises(TypeError, match="config must be a ptp.PruneConfig \\(or a dict of its fields\\), not str"):
         ptp.prune(a, tokens, "wanda")
+
+
+# --------------------------------------------------------------------------- 5. ptp report
+
+
+def test_report_comes_from_the_tensors_and_refuses_a_record_that_disagrees(root, tmp_path, capsys):
+    for kind in ("dense", "compressed"):
+        folder = copy(root, kind, tmp_path)
+        assert main(["report", str(folder), "--json", "-q"]) == 0
+        blocks = json.loads(capsys.readouterr().out)["blocks"]
+        assert [round(b["sparsity"], 4) for b in blocks] == [0.5, 0.5]
+        record = json.loads((folder / "ptp.json").read_text())
+        for layer in record["report"]["layers"]:
+            layer["sparsity"] = 0.9  # the edit of the issue: the report printed 0.9000
+        (folder / "ptp.json").write_text(json.dumps(record))
+        assert main(["report", str(folder), "-q"]) == 2
+        assert "ptp.json was changed after it was saved" in one_error_line(capsys)
+        assert main(["report", str(folder), "--no-verify", "-q"]) == 2  # no checksums: the tensors still say no
+        assert re.search("ptp.json says model.layers.0.self_attn.q_proj has sparsity 0.9000, its stored weight "
+                         "has 0.5000", one_error_line(capsys))
+        integrity.write_record(folder, record)  # re-sealed: the checksums hold, the tensors do not agree
+        assert main(["report", str(folder), "-q"]) == 2
+        assert "the record does not describe these tensors" in one_error_line(capsys)
