@@ -166,7 +166,12 @@ def read_text_file(path: str | Path) -> str:
     ``shared/data/wikitext2/test.raw.txt``) yields the same text, and the same tokens, as
     the papers' ``"\n\n".join(rows)``; keeping the "\r" changes the tokenization.
     """
-    return Path(path).read_text(encoding="utf-8")
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"evaluation text {path} is not UTF-8 text (byte {err.start} is 0x{err.object[err.start]:02x})") from None
+    except OSError as err:
+        raise ConfigError(f"cannot read evaluation text {path}: {err.strerror or err}") from None
 
 
 def check_source(source: str | Path) -> None:

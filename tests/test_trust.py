@@ -331,3 +331,64 @@ def test_report_comes_from_the_tensors_and_refuses_a_record_that_disagrees(root,
         integrity.write_record(folder, record)  # re-sealed: the checksums hold, the tensors do not agree
         assert main(["report", str(folder), "-q"]) == 2
         assert "the record does not describe these tensors" in one_error_line(capsys)
+
+
+# --------------------------------------------------------------------------- 6. evaluation limits
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--seqlen", "0", "--seqlen must be at least 2, got 0"),
+    ("--limit", "0", "--limit must be at least 1, got 0"),
+    ("--limit", "-3", "--limit must be at least 1, got -3"),
+    ("--batch-size", "0", "--batch-size must be at least 1, got 0"),
+])
+def test_eval_refuses_non_positive_limits_before_loading(root, capsys, monkeypatch, flag, value, message):
+    monkeypatch.setattr(io, "load_model", lambda *a, **k: pytest.fail("loaded the model first"))
+    assert main(["eval", str(root / "dense"), "--ppl", str(root / "text.txt"), flag, value, "-q"]) == 2
+    assert message in one_error_line(capsys)
+
+
+def test_prune_refuses_non_positive_counts_before_loading(root, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(io, "load_model", lambda *a, **k: pytest.fail("loaded the model first"))
+    for flag in ("--seqlen", "--nsamples"):
+        argv = ["prune", str(root / "tiny"), "--sparsity", "0.5", "--calib", str(root / "text.txt"), "--nsamples", "2",
+                "--seqlen", "32", flag, "0", "--out", str(tmp_path / "out"), "-q"]
+        assert main(argv) == 2
+        assert "--nsamples and --seqlen must be positive" in one_error_line(capsys)
+
+
+# --------------------------------------------------------------------------- 7. text that is not text
+
+
+def test_binary_garbage_as_text_is_one_line(root, tmp_path, capsys):
+    garbage = bytes(torch.randint(0, 256, (20000,), generator=torch.Generator().manual_seed(1)).tolist())
+    prune = ["prune", str(root / "tiny"), "--sparsity", "0.5", "--nsamples", "2", "--seqlen", "32",
+             "--out", str(tmp_path / "out"), "-q", "--calib"]
+    for name in ("garbage.bin", "garbage.txt", "garbage.jsonl", "garbage.parquet"):
+        (tmp_path / name).write_bytes(garbage)
+        assert main(prune + [str(tmp_path / name)]) == 2
+        assert re.search("not UTF-8 text|is not .txt, .jsonl or .parquet|is not a Parquet file",
+                         one_error_line(capsys))
+        assert main(["eval", str(root / "dense"), "--ppl", str(tmp_path / name), "-q"]) == 2
+        assert "is not UTF-8 text (byte " in one_error_line(capsys)
+    (tmp_path / "num.jsonl").write_text('{"text": 5}\n')
+    assert main(prune + [str(tmp_path / "num.jsonl")]) == 2
+    assert "holds int values, not text" in one_error_line(capsys)
+    assert not (tmp_path / "out").exists()
+
+
+# --------------------------------------------------------------------------- 8. Ctrl-C
+
+
+def test_ctrl_c_is_one_line_exit_130_and_nothing_written(root, tmp_path, capsys, monkeypatch):
+    from ptp import engine
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine, "prune_block", interrupted)
+    argv = ["prune", str(root / "tiny"), "--sparsity", "0.5", "--calib", str(root / "text.txt"), "--nsamples", "2",
+            "--seqlen", "32", "--out", str(tmp_path / "out"), "-q"]
+    assert main(argv) == 130
+    assert capsys.readouterr().err.strip().splitlines() == ["ptp: interrupted; nothing was written"]
+    assert list(tmp_path.iterdir()) == []
