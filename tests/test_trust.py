@@ -392,3 +392,60 @@ def test_ctrl_c_is_one_line_exit_130_and_nothing_written(root, tmp_path, capsys,
     assert main(argv) == 130
     assert capsys.readouterr().err.strip().splitlines() == ["ptp: interrupted; nothing was written"]
     assert list(tmp_path.iterdir()) == []
+
+
+# --------------------------------------------------------------------------- 11. smaller things
+
+
+def stream_argv(root, out, *extra):
+    return ["prune", str(root / "tiny"), "--sparsity", "0.5", "--method", "magnitude", "--calib", str(root / "text.txt"),
+            "--nsamples", "2", "--seqlen", "32", "--out", str(out), "--resume", "-q", *extra]
+
+
+def test_resume_of_a_finished_run_says_complete_and_exits_0(root, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(stream_argv(root, out)) == 0  # --resume with nothing to resume: a fresh run
+    capsys.readouterr()
+    before = (out / "ptp.json").read_text()
+    assert main(stream_argv(root, out)) == 0
+    assert capsys.readouterr().out.strip() == f"{out}: the run is complete (nothing to resume)"
+    assert (out / "ptp.json").read_text() == before
+    assert main(stream_argv(root, out, "--seed", "1")) == 2  # not this run: no claim that it is complete
+    assert "holds a finished run with different settings (seed)" in one_error_line(capsys)
+
+
+def test_a_killed_runs_hidden_directory_is_removed_by_the_next_save(root, tmp_path, caplog):
+    import logging
+
+    dead, unnamed, live = (tmp_path / f".out.ptp-tmp-{n}" for n in ("999999999-abc", "xyz", f"{os.getpid()}-live"))
+    for folder in (dead, unnamed, live):
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"\0" * 1000)
+    tokenizer = tiny_tokenizer()
+    with caplog.at_level(logging.WARNING, logger="ptp"):
+        ptp.save(tiny_model(tokenizer), tokenizer, tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out", live.name])  # a live writer's stays
+    removed = [r.getMessage() for r in caplog.records if "left by a killed run" in r.getMessage()]
+    assert len(removed) == 2 and any(dead.name in m for m in removed)
+
+
+def test_quiet_keeps_the_result_and_verification_logs_no_per_layer_list(root, tmp_path, capsys, caplog):
+    import logging
+
+    argv = ["prune", str(root / "tiny"), "--sparsity", "0.5", "--method", "magnitude", "--calib", str(root / "text.txt"),
+            "--nsamples", "2", "--seqlen", "32", "--out", str(tmp_path / "q"), "-q"]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert "achieved sparsity 0.5000" in captured.out and captured.err == ""
+    profile = tmp_path / "p.json"
+    profile.write_text(json.dumps({"down_proj": 0.6, "layers.1.self_attn": 0.4}))
+    argv[-2:] = [str(tmp_path / "p"), "--profile", str(profile)]  # another --out, and without -q: info logs
+    with caplog.at_level(logging.INFO, logger="ptp"):
+        assert main(argv) == 0
+    verified = [r.getMessage() for r in caplog.records if r.getMessage().startswith("verified")]
+    assert verified and verified[0].endswith("14 pruned layers at 0.4-0.6 (3 values)"), verified
+
+
+def test_unknown_method_lists_structured_too():
+    with pytest.raises(ConfigError, match="choose one of magnitude, wanda, sparsegpt, admm, or structured"):
+        ptp.PruneConfig(method="obs")
