@@ -23,8 +23,10 @@ from .config import ConfigError
 
 logger = logging.getLogger("ptp")
 
-# Recipe files live in the repository's top-level calib/ folder, next to the package.
-RECIPE_DIR = Path(__file__).resolve().parent.parent / "calib"
+# Recipe files: the copy an installed wheel carries inside the package (see setup.py), else the
+# repository's top-level calib/ folder, next to the package (a source checkout, an editable install).
+_PACKAGED = Path(__file__).resolve().parent / "calib"
+RECIPE_DIR = _PACKAGED if _PACKAGED.is_dir() else Path(__file__).resolve().parent.parent / "calib"
 # datasets' packaged builder for each local file kind.
 BUILDERS = {".txt": "text", ".jsonl": "json", ".parquet": "parquet"}
 # Self-calibration sampling (Williams et al. 2024 sample from the model's own distribution,
