@@ -309,10 +309,10 @@ def _read_profile(spec: str | None):
     if spec is None or spec.lower() == "owl":
         return spec
     try:
-        profile = json.loads(Path(spec).read_text())
+        profile = json.loads(Path(spec).read_text(encoding="utf-8"))
     except OSError as err:
         raise ConfigError(f"cannot read profile {spec}: {err.strerror}") from None
-    except json.JSONDecodeError as err:
+    except (UnicodeDecodeError, ValueError) as err:  # not text, or not JSON
         raise ConfigError(f"profile {spec} is not JSON: {err}") from None
     if not isinstance(profile, dict):
         raise ConfigError(f"profile {spec} must be a JSON object of layer pattern -> sparsity")

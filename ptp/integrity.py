@@ -94,7 +94,8 @@ def record_problem(record) -> str | None:
     if not isinstance(record.get("ptp_version"), str) or record.get("format") not in FORMATS:
         return "no ptp_version and format"
     integrity = record.get("integrity")
-    if integrity is not None and not (isinstance(integrity, dict) and isinstance(integrity.get("files"), dict)
+    if integrity is not None and not (isinstance(integrity, dict) and integrity.get("algorithm") == "sha256"
+                                      and isinstance(integrity.get("files"), dict)
                                       and isinstance(integrity.get("record"), str)):
         return "its integrity entry is malformed"
     layers = (record.get("report") or {}).get("layers", []) if isinstance(record.get("report"), dict) else None

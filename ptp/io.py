@@ -550,7 +550,16 @@ def _from_pretrained(where: str | Path, name: str, **kwargs) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
     try:
-        return AutoModelForCausalLM.from_pretrained(where, **kwargs)
+        if "gguf_file" in kwargs:  # converted tensor by tensor: no loading report to read
+            return AutoModelForCausalLM.from_pretrained(where, **kwargs)
+        model, info = AutoModelForCausalLM.from_pretrained(where, output_loading_info=True, **kwargs)
+        missing = sorted(info.get("missing_keys") or ())
+        if missing:  # transformers would leave them randomly initialised, with a warning only
+            raise ConfigError(f"cannot load model {name!r}: its checkpoint lacks {len(missing)} of the model's "
+                              f"tensors ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})")
+        return model
+    except ConfigError:
+        raise
     except (OSError, ValueError, RuntimeError) as err:
         raise ConfigError(f"cannot load model {name!r}: {' '.join(str(err).split())[:300] or type(err).__name__}") from None
     except Exception as err:
