@@ -94,7 +94,7 @@ def record_problem(record) -> str | None:
     if not isinstance(record.get("ptp_version"), str) or record.get("format") not in FORMATS:
         return "no ptp_version and format"
     integrity = record.get("integrity")
-    if integrity is not None and not (isinstance(integrity, dict) and integrity.get("algorithm") == "sha256"
+    if "integrity" in record and not (isinstance(integrity, dict) and integrity.get("algorithm") == "sha256"
                                       and isinstance(integrity.get("files"), dict)
                                       and isinstance(integrity.get("record"), str)):
         return "its integrity entry is malformed"
@@ -120,8 +120,8 @@ def check_files(folder: str | Path) -> dict | None:
     if record is None:
         return None
     integrity = record.get("integrity")
-    if integrity is None:
-        logger.info("%s: ptp.json records no checksums (saved by ptp before 0.1.1): files not checked", folder)
+    if integrity is None:  # a record from before checksums; the per-layer claims are still checked
+        logger.warning("%s: ptp.json records no checksums (saved by an older ptp): its files are not checked", folder)
         return record
     if record_digest(record) != integrity["record"]:
         raise ConfigError(f"{folder / RECORD} was changed after it was saved (its checksum no longer matches); "

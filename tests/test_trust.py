@@ -449,3 +449,23 @@ def test_quiet_keeps_the_result_and_verification_logs_no_per_layer_list(root, tm
 def test_unknown_method_lists_structured_too():
     with pytest.raises(ConfigError, match="choose one of magnitude, wanda, sparsegpt, admm, or structured"):
         ptp.PruneConfig(method="obs")
+
+
+def test_a_record_from_before_checksums_loads_with_a_warning_and_its_claims_checked(root, tmp_path, caplog):
+    import logging
+
+    folder = copy(root, "dense", tmp_path)
+    record = json.loads((folder / "ptp.json").read_text())
+    del record["integrity"]
+    (folder / "ptp.json").write_text(json.dumps(record))
+    with caplog.at_level(logging.WARNING, logger="ptp"):
+        ptp.load(folder)
+    assert any("records no checksums" in r.getMessage() for r in caplog.records)
+    record["report"]["layers"][0]["zeros"] -= 1
+    (folder / "ptp.json").write_text(json.dumps(record))
+    with pytest.raises(ConfigError, match="ptp.json claims"):
+        ptp.load(folder)
+    record["integrity"] = None  # present but not checksums: not a record ptp wrote
+    (folder / "ptp.json").write_text(json.dumps(record))
+    with pytest.raises(ConfigError, match="integrity entry is malformed"):
+        ptp.load(folder)
