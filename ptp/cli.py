@@ -208,8 +208,10 @@ def run_prune_stream(args, config: PruneConfig, budget: int | None, start: float
     """``--stream`` / ``--resume``: ``ptp.scale.Stream`` reads one block at a time and checkpoints."""
     from transformers import AutoTokenizer
 
-    from . import data, scale
+    from . import data, integrity, scale
 
+    if not args.no_verify and Path(args.model).is_dir():
+        integrity.check_files(args.model)  # a ptp output as input: its checksums, as a load would
     stream = scale.Stream(args.model, args.out, config, dtype=args.dtype, resume=args.resume,
                           overwrite=args.overwrite, act_budget=budget, trust_remote_code=args.trust_remote_code)
     try:
@@ -233,9 +235,21 @@ def _seqlen(given: int | None, limit: int | None) -> int:
 
 
 def _check_counts(args) -> None:
-    """--nsamples and --seqlen, before the model is loaded (which takes minutes on large models)."""
+    """--nsamples and --seqlen, before the model is loaded (which takes minutes on large models):
+    positive, and --seqlen within the positions of a local model directory's config.json (a GGUF
+    file's config costs as much to read as the model, so that check waits for the model)."""
     if args.nsamples < 1 or (args.seqlen is not None and args.seqlen < 1):
         raise ConfigError(f"--nsamples and --seqlen must be positive, got {args.nsamples} and {args.seqlen}")
+    config = Path(args.model).expanduser() / "config.json"
+    if args.seqlen is None or not config.is_file():
+        return
+    try:
+        fields = json.loads(config.read_text(encoding="utf-8"))
+        limit = fields.get("max_position_embeddings") or fields.get("n_positions")
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        return  # loading the model will say what is wrong with it
+    if isinstance(limit, int) and args.seqlen > limit:
+        raise ConfigError(f"seqlen {args.seqlen} is above the model's maximum positions ({limit})")
 
 
 def _finished(args, config: PruneConfig) -> bool:

@@ -350,11 +350,13 @@ def test_eval_refuses_non_positive_limits_before_loading(root, capsys, monkeypat
 
 def test_prune_refuses_non_positive_counts_before_loading(root, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(io, "load_model", lambda *a, **k: pytest.fail("loaded the model first"))
-    for flag in ("--seqlen", "--nsamples"):
+    for flag, value, message in (("--seqlen", "0", "--nsamples and --seqlen must be positive"),
+                                 ("--nsamples", "0", "--nsamples and --seqlen must be positive"),
+                                 ("--seqlen", "129", "seqlen 129 is above the model's maximum positions (128)")):
         argv = ["prune", str(root / "tiny"), "--sparsity", "0.5", "--calib", str(root / "text.txt"), "--nsamples", "2",
-                "--seqlen", "32", flag, "0", "--out", str(tmp_path / "out"), "-q"]
+                "--seqlen", "32", flag, value, "--out", str(tmp_path / "out"), "-q"]
         assert main(argv) == 2
-        assert "--nsamples and --seqlen must be positive" in one_error_line(capsys)
+        assert message in one_error_line(capsys)
 
 
 # --------------------------------------------------------------------------- 7. text that is not text
@@ -469,3 +471,39 @@ def test_a_record_from_before_checksums_loads_with_a_warning_and_its_claims_chec
     (folder / "ptp.json").write_text(json.dumps(record))
     with pytest.raises(ConfigError, match="integrity entry is malformed"):
         ptp.load(folder)
+
+
+def test_stream_and_export_refuse_a_corrupt_input_too(root, tmp_path, capsys):
+    folder = copy(root, "dense", tmp_path)
+    truncate(folder / "model.safetensors")
+    stream = ["prune", str(folder), "--sparsity", "0.5", "--calib", str(root / "text.txt"), "--nsamples", "2",
+              "--seqlen", "32", "--out", str(tmp_path / "out"), "--stream", "-q"]
+    assert main(stream) == 2
+    assert "model.safetensors is corrupt" in one_error_line(capsys)
+    assert main(stream + ["--no-verify"]) == 2
+    assert "model.safetensors is not a readable safetensors file" in one_error_line(capsys)
+    packed = copy(root, "compressed", tmp_path)
+    flip_value_bytes(packed / COMPRESSED)
+    assert main(["export", str(packed), "--dense", str(tmp_path / "exported"), "-q"]) == 2
+    assert "model.ptp.safetensors is corrupt" in one_error_line(capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["compressed", "dense"]
+
+
+def test_quiet_eval_hides_what_libraries_draw_while_loading(root, capsys, monkeypatch):
+    """transformers' GGUF reader draws its own progress bar on stderr; -q must hide it in eval too."""
+    import sys
+
+    real = io.load_model
+
+    def drawing(*args, **kwargs):
+        print("Converting and de-quantizing GGUF tensors...: 100%", file=sys.stderr)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(io, "load_model", drawing)
+    argv = ["eval", str(root / "dense"), "--ppl", str(root / "text.txt"), "--seqlen", "32", "--limit", "1",
+            "--md", str(root / "e.md")]
+    assert main(argv + ["-q"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == "" and "text.txt | " in captured.out
+    assert main(argv) == 0
+    assert "GGUF tensors" in capsys.readouterr().err
