@@ -105,9 +105,11 @@ def record_problem(record) -> str | None:
 
 
 def _layer_ok(layer) -> bool:
-    return (isinstance(layer, dict) and isinstance(layer.get("name"), str)
-            and all(isinstance(layer.get(k), (int, float)) and not isinstance(layer.get(k), bool)
-                    for k in ("sparsity", "error"))
+    """A per-layer entry: a name, a numeric sparsity, an error that is a number or null (a layer that
+    saw no calibration tokens has none), and, when present, an integer count of zeros."""
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+    return (isinstance(layer, dict) and isinstance(layer.get("name"), str) and number(layer.get("sparsity"))
+            and (layer.get("error") is None or number(layer.get("error")))
             and isinstance(layer.get("zeros", 0), int) and not isinstance(layer.get("zeros", 0), bool))
 
 
