@@ -424,6 +424,9 @@ def prunable_layers(model: nn.Module, config: PruneConfig) -> tuple[nn.ModuleLis
         checks.check_patterns(config.profile, [n for layers in all_layers for n in layers], "profile pattern")
     bad = [(name, weight_matrix(layer).shape[1]) for layers in all_layers if config.sparsity.is_nm
            for name, layer in layers.items() if weight_matrix(layer).shape[1] % config.sparsity.m]
+    if bad and len(bad) == sum(len(layers) for layers in all_layers):  # skipping them all would prune nothing
+        raise ConfigError(f"no prunable layer has a number of inputs that is a multiple of M={config.sparsity.m} "
+                          f"(inputs: {', '.join(map(str, sorted({w for _, w in bad})))}); choose another N:M")
     if bad:
         names = ",".join(name for name, _ in bad)
         widths = ", ".join(f"{name} ({width})" for name, width in bad[:8]) + (f" and {len(bad) - 8} more" if len(bad) > 8 else "")

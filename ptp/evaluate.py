@@ -178,6 +178,8 @@ def check_source(source: str | Path) -> None:
     """Refuse a source that is neither a named split nor an existing file (cheap, no loading)."""
     if str(source) not in EVAL_TEXTS and not Path(source).is_file():
         raise ConfigError(f"unknown evaluation text {str(source)!r}: not one of {sorted(EVAL_TEXTS)} nor a file")
+    if str(source) not in EVAL_TEXTS:
+        read_text_file(source)  # not UTF-8 text: say so before the model loads
 
 
 def load_eval_text(source: str | Path) -> tuple[str, EvalText | None]:

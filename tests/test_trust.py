@@ -507,3 +507,17 @@ def test_quiet_eval_hides_what_libraries_draw_while_loading(root, capsys, monkey
     assert captured.err == "" and "text.txt | " in captured.out
     assert main(argv) == 0
     assert "GGUF tensors" in capsys.readouterr().err
+
+
+def test_an_n_m_no_layer_can_take_is_named_as_such(root, tmp_path, capsys, monkeypatch):
+    argv = ["prune", str(root / "tiny"), "--method", "wanda", "--sparsity", "3:7", "--calib", str(root / "text.txt"),
+            "--nsamples", "2", "--seqlen", "32", "--out", str(tmp_path / "out"), "-q"]
+    assert main(argv) == 2
+    assert "no prunable layer has a number of inputs that is a multiple of M=7 (inputs: 64, 128)" in one_error_line(capsys)
+
+
+def test_eval_reads_a_text_file_before_loading_the_model(root, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(io, "load_model", lambda *a, **k: pytest.fail("loaded the model first"))
+    (tmp_path / "garbage.bin").write_bytes(b"\xff\xfe\x00" * 100)
+    assert main(["eval", str(root / "dense"), "--ppl", str(tmp_path / "garbage.bin"), "-q"]) == 2
+    assert "is not UTF-8 text (byte 0 is 0xff)" in one_error_line(capsys)
