@@ -8,9 +8,10 @@ machine slows both alike and their ratio stays meaningful.
 - prefill: one forward pass over ``batch x length`` prompt tokens; tokens/s = batch*length/s.
 - decode: greedy generation with a KV cache; the prompt is prefilled untimed, then
   ``new_tokens`` single-token steps are timed; tokens/s = batch*new_tokens/s.
-- memory: the weights' bytes, and the peak memory *above* what was in use before the
-  measurement (CUDA: ``max_memory_allocated``; CPU: the process's peak RSS, VmHWM, reset
-  through ``/proc/self/clear_refs`` where Linux allows it).
+- memory: the weights' bytes, and the peak memory of each run. CUDA: ``max_memory_allocated``
+  above what was allocated before the run. CPU: the process's peak RSS during the run (VmHWM,
+  reset through ``/proc/self/clear_refs`` where Linux allows it), every loaded model included:
+  after warm-up the allocator reuses what it holds, so an increase above the start reads 0.
 
 A pruned checkpoint stores its zeros in dense tensors, and dense kernels multiply by them
 all the same: on CPU (and on GPU without a sparse kernel) pruning alone changes no speed.
@@ -54,8 +55,8 @@ class Measurement:
     """One (model, kind, shape) cell: the median of ``seconds`` over the repeats.
 
     kind: "prefill" (length = prompt tokens per sequence) or "decode" (length = new tokens).
-    peak_bytes: peak memory above the pre-measurement level (activations, KV cache, logits),
-    None where it cannot be read.
+    peak_bytes: CUDA: peak allocation above the pre-measurement level (activations, KV cache,
+    logits); CPU: the process's peak RSS during the run. None where it cannot be read.
     """
 
     model: str
@@ -104,7 +105,9 @@ class BenchReport:
             peaks = [_mib(cells[n].peak_bytes) if n in cells else "–" for n in names]
             lines.append(row + " | " + ", ".join(peaks) + " |")
         weights = ", ".join(f"{n} {b / 2**20:.0f} MiB" for n, b in self.weights_bytes.items())
-        lines += ["", f"device {self.device}, dtype {self.dtype}; weights: {weights}; median of repeats."]
+        peak = "peak: allocated above the weights" if self.device.startswith("cuda") else \
+            "peak: the process's RSS during each model's runs, all loaded models included"
+        lines += ["", f"device {self.device}, dtype {self.dtype}; weights: {weights}; median of repeats; {peak}."]
         lines += [f"- {note}" for note in self.notes]
         return "\n".join(lines)
 
@@ -126,7 +129,8 @@ def synchronize(device: torch.device) -> None:
 
 
 class PeakMemory:
-    """Peak memory above the level at ``start()``: CUDA allocator, else the process RSS."""
+    """CUDA: peak allocation above the level at ``start()``. CPU: the process's peak RSS since
+    ``start()`` (an increase above the start would read 0 once the allocator holds its memory)."""
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -141,8 +145,7 @@ class PeakMemory:
     def peak(self) -> int | None:
         if self.device.type == "cuda":
             return torch.cuda.max_memory_allocated(self.device) - self.base
-        hwm = _rss("VmHWM")
-        return None if self.base is None or hwm is None else max(hwm - self.base, 0)
+        return None if self.base is None else _rss("VmHWM")
 
 
 def _reset_rss_peak() -> bool:

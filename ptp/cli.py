@@ -18,6 +18,10 @@ from pathlib import Path
 
 from .config import ConfigError, PruneConfig
 
+# lm-eval requests per forward for `ptp eval --tasks` (one at a time ran 2-13 requests/s on
+# SmolLM2 on 2 CPU cores; lm-eval sorts them by length, so batches carry little padding).
+TASK_BATCH = 16
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ptp", description="Post-training pruning of causal LMs.")
@@ -35,6 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"ptp: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # atomic writes have already removed their temporary directories
+        print("ptp: interrupted; nothing was written", file=sys.stderr)
+        return 130
 
 
 # --------------------------------------------------------------------------- prune / export
@@ -62,10 +69,11 @@ def _silenced(quiet: bool):
 
 
 def _emit(args, summary: dict, lines: list[str]) -> None:
-    """--json: the summary as one line on stdout; otherwise readable lines (none with --quiet)."""
+    """--json: the summary as one line on stdout; otherwise readable lines. --quiet silences
+    progress and logs, never the result."""
     if args.json:
         print(json.dumps(summary))
-    elif not args.quiet:
+    else:
         print("\n".join(lines))
 
 
@@ -120,7 +128,8 @@ def add_prune(sub) -> None:
     p.add_argument("--dtype", default="auto", help="auto, float32, float16 or bfloat16")
     p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
-    p.add_argument("--no-verify", action="store_true", help="skip reloading and checking the saved model")
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip reloading and checking the saved model, and the checksums of a MODEL ptp wrote")
     p.add_argument("--stream", action="store_true",
                    help="never hold the model: load one decoder block at a time from the safetensors shards, write "
                         "it pruned, checkpoint after every block (automatic when the model would not fit in memory)")
@@ -170,6 +179,9 @@ def run_prune(args) -> int:
         raise ConfigError("--calib self samples from the whole model, which --stream never loads; give calibration text")
     if args.nproc < 1:
         raise ConfigError(f"--nproc must be positive, got {args.nproc}")
+    _check_counts(args)
+    if args.resume and _finished(args, config):
+        return 0
     io.check_out_dir(args.out, args.overwrite)
     source = io.resolve_model(args.model)
     if args.nproc > 1 and not scale.launched():
@@ -179,11 +191,12 @@ def run_prune(args) -> int:
     if stream or scale.any_rank(can_stream and scale.would_not_fit(args.model)):
         return run_prune_stream(args, config, budget, start)
     with _silenced(args.quiet):
-        model, tokenizer = io.load_model(args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+        model, tokenizer = io.load_model(args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
+                                         verify=not args.no_verify)
 
     prunable_layers(model, config)  # no decoder blocks, or an N:M width that cannot work: fail before calibrating
     limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
-    seqlen = args.seqlen or min(2048, limit or 2048)
+    seqlen = _seqlen(args.seqlen, limit)
     if args.calib == "self" and args.device:
         model.to(args.device)  # sampling runs the whole model; do it where the user asked to compute
     tokens = data.calibration_batches(args.calib, tokenizer, args.nsamples, seqlen, args.seed,
@@ -208,8 +221,10 @@ def run_prune_stream(args, config: PruneConfig, budget: int | None, start: float
     """``--stream`` / ``--resume``: ``ptp.scale.Stream`` reads one block at a time and checkpoints."""
     from transformers import AutoTokenizer
 
-    from . import data, scale
+    from . import data, integrity, scale
 
+    if not args.no_verify and Path(args.model).is_dir():
+        integrity.check_files(args.model)  # a ptp output as input: its checksums, as a load would
     stream = scale.Stream(args.model, args.out, config, dtype=args.dtype, resume=args.resume,
                           overwrite=args.overwrite, act_budget=budget, trust_remote_code=args.trust_remote_code)
     try:
@@ -217,7 +232,7 @@ def run_prune_stream(args, config: PruneConfig, budget: int | None, start: float
     except (OSError, ValueError) as err:
         raise ConfigError(f"cannot load the tokenizer of {args.model}: {str(err).strip().splitlines()[0]}") from None
     limit = getattr(stream.model.config, "max_position_embeddings", None) or getattr(stream.model.config, "n_positions", None)
-    seqlen = args.seqlen or min(2048, limit or 2048)
+    seqlen = _seqlen(args.seqlen, limit)
     tokens = data.calibration_batches(args.calib, tokenizer, args.nsamples, seqlen, args.seed,
                                       model=stream.model, text_field=args.text_field)
     meta = _prune_meta(args, config, seqlen, (str(stream.source), None), None)
@@ -225,6 +240,58 @@ def run_prune_stream(args, config: PruneConfig, budget: int | None, start: float
     if stream.rank == 0:
         _prune_summary(args, config, seqlen, report, stream.record, start)
     return 0
+
+
+def _seqlen(given: int | None, limit: int | None) -> int:
+    """--seqlen, or 2048 capped at the model's maximum positions (0 is a value, not "unset")."""
+    return given if given is not None else min(2048, limit or 2048)
+
+
+def _check_counts(args) -> None:
+    """--nsamples and --seqlen, before the model is loaded (which takes minutes on large models):
+    positive, and --seqlen within the positions of a local model directory's config.json (a GGUF
+    file's config costs as much to read as the model, so that check waits for the model)."""
+    if args.nsamples < 1 or (args.seqlen is not None and args.seqlen < 1):
+        raise ConfigError(f"--nsamples and --seqlen must be positive, got {args.nsamples} and {args.seqlen}")
+    config = Path(args.model).expanduser() / "config.json"
+    if args.seqlen is None or not config.is_file():
+        return
+    try:
+        fields = json.loads(config.read_text(encoding="utf-8"))
+        limit = fields.get("max_position_embeddings") or fields.get("n_positions")
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        return  # loading the model will say what is wrong with it
+    if isinstance(limit, int) and args.seqlen > limit:
+        raise ConfigError(f"seqlen {args.seqlen} is above the model's maximum positions ({limit})")
+
+
+def _finished(args, config: PruneConfig) -> bool:
+    """--resume of a run that already finished: --out holds its result and nothing is left to do.
+    True (and says so) when the record in --out is this same run; a different run is an error."""
+    from . import integrity
+
+    out = Path(args.out).expanduser()
+    partial = out.parent / f".{out.name}.ptp-partial"
+    if not out.is_dir() or (partial / "ptp-state.json").exists():
+        return False
+    record = integrity.read_record(out)
+    if record is None:
+        return False
+    ran = {"model": record.get("model"), "method": record.get("method"), "sparsity": record.get("sparsity"),
+           "calib": (record.get("calibration") or {}).get("source"),
+           "nsamples": (record.get("calibration") or {}).get("nsamples"),
+           "seed": (record.get("calibration") or {}).get("seed")}
+    asked = {"model": args.model, "method": config.method, "sparsity": str(config.sparsity), "calib": args.calib,
+             "nsamples": args.nsamples, "seed": args.seed}
+    differ = [k for k in asked if ran[k] != asked[k]]
+    if differ:
+        raise ConfigError(f"--resume: {out} holds a finished run with different settings ({', '.join(differ)}); "
+                          "choose another --out, or --overwrite without --resume to replace it")
+    if args.json:
+        print(json.dumps({"out": str(args.out), "complete": True}))
+    else:
+        print(f"{args.out}: the run is complete (nothing to resume)")
+    return True
 
 
 def _prune_meta(args, config: PruneConfig, seqlen: int, source: tuple, revision) -> dict:
@@ -285,10 +352,10 @@ def _read_profile(spec: str | None):
     if spec is None or spec.lower() == "owl":
         return spec
     try:
-        profile = json.loads(Path(spec).read_text())
+        profile = json.loads(Path(spec).read_text(encoding="utf-8"))
     except OSError as err:
         raise ConfigError(f"cannot read profile {spec}: {err.strerror}") from None
-    except json.JSONDecodeError as err:
+    except (UnicodeDecodeError, ValueError) as err:  # not text, or not JSON
         raise ConfigError(f"profile {spec} is not JSON: {err}") from None
     if not isinstance(profile, dict):
         raise ConfigError(f"profile {spec} must be a JSON object of layer pattern -> sparsity")
@@ -311,11 +378,14 @@ def run_prune_structured(args) -> int:
         if given:
             raise ConfigError(f"{flag} does not apply to --method structured")
     check_options(args.ratio, args.attn_ratio, args.importance, args.compensation)
+    _check_counts(args)
     io.check_out_dir(args.out, args.overwrite)
     source = io.resolve_model(args.model)
-    model, tokenizer = io.load_model(args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+    with _silenced(args.quiet):
+        model, tokenizer = io.load_model(args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
+                                         verify=not args.no_verify)
     limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
-    seqlen = args.seqlen or min(2048, limit or 2048)
+    seqlen = _seqlen(args.seqlen, limit)
     tokens = data.calibration_batches(args.calib, tokenizer, args.nsamples, seqlen, args.seed,
                                       model=model, text_field=args.text_field)
     report = prune_structured(model, tokens, args.ratio, attn_ratio=args.attn_ratio, importance=args.importance,
@@ -353,7 +423,8 @@ def add_export(sub) -> None:
     p.add_argument("dir", help="a directory saved by ptp prune --format compressed")
     p.add_argument("--dense", required=True, metavar="OUT", help="output directory for the dense checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
-    p.add_argument("--no-verify", action="store_true", help="skip reloading and comparing OUT")
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip checking DIR against its ptp.json checksums, and reloading and comparing OUT")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or info logs")
     p.add_argument("--json", action="store_true", help="print a one-line JSON summary on stdout")
     p.set_defaults(func=run_export)
@@ -384,8 +455,9 @@ def _default_device() -> str:
 def _load_for_eval(args, name: str):
     from . import io
 
-    return io.load_model(name, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
-                         device=args.device or _default_device())
+    with _silenced(args.quiet):
+        return io.load_model(name, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
+                             device=args.device or _default_device(), verify=not args.no_verify)
 
 
 def _write_md(args, text: str, default_name: str) -> Path:
@@ -413,6 +485,8 @@ def _common_model_args(p) -> None:
     p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub")
     p.add_argument("--md", default=None, metavar="PATH",
                    help="write the markdown table here (default: into MODEL if it is a directory, else the cwd)")
+    p.add_argument("--no-verify", action="store_true",
+                   help="load a directory ptp wrote without checking it against the checksums in its ptp.json")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or info logs")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
@@ -425,7 +499,9 @@ def add_eval(sub) -> None:
                    help="comma-separated: wikitext2, c4, ptb (through datasets) or paths of text files")
     p.add_argument("--seqlen", type=int, default=None, help="window length (default: min(2048, model max))")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first K windows")
-    p.add_argument("--batch-size", type=int, default=1, help="windows per forward pass")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help=f"windows per forward pass (default 1); for --tasks, lm-eval requests per forward "
+                        f"(default {TASK_BATCH}: lm-eval sorts requests by length, so a batch pads little)")
     p.add_argument("--compare", default=None, metavar="DENSE",
                    help="also report KL(dense||model) and top-1 agreement on the --ppl windows")
     p.add_argument("--tasks", default=None, help="comma-separated lm-eval tasks (arc_easy,hellaswag,...)")
@@ -436,9 +512,20 @@ def add_eval(sub) -> None:
     p.set_defaults(func=run_eval)
 
 
+def _check_eval_args(args) -> None:
+    """Non-positive limits are mistakes, not "the default": refuse them before loading anything."""
+    for flag, value, low in (("--seqlen", args.seqlen, 2), ("--limit", args.limit, 1),
+                             ("--batch-size", args.batch_size, 1), ("--num-fewshot", args.num_fewshot, 0)):
+        if value is not None and value < low:
+            raise ConfigError(f"{flag} must be at least {low}, got {value}")
+    if args.task_limit is not None and not args.task_limit > 0:
+        raise ConfigError(f"--task-limit must be positive, got {args.task_limit}")
+
+
 def run_eval(args) -> int:
     from . import evaluate
 
+    _check_eval_args(args)
     _quiet_libraries(args)
     sources = _csv(args.ppl) or ([] if args.tasks else ["wikitext2"])
     if args.compare and not sources:
@@ -450,7 +537,7 @@ def run_eval(args) -> int:
     model, tokenizer = _load_for_eval(args, args.model)
     dense = _load_for_eval(args, args.compare)[0] if args.compare else None
     limit = getattr(model.config, "max_position_embeddings", None) or 2048
-    seqlen = args.seqlen or min(2048, limit)
+    seqlen = _seqlen(args.seqlen, limit)
     evaluate.check_seqlen(model, seqlen)
     progress = not args.quiet
     summary: dict = {"model": args.model, "seqlen": seqlen, "limit": args.limit, "perplexity": {}}
@@ -458,11 +545,11 @@ def run_eval(args) -> int:
     for source in sources:
         tokens = evaluate.eval_tokens(tokenizer, source, seqlen)
         if dense is None:
-            ppl = evaluate.perplexity_of_tokens(model, tokens, seqlen, args.limit, args.batch_size, progress)
+            ppl = evaluate.perplexity_of_tokens(model, tokens, seqlen, args.limit, args.batch_size or 1, progress)
             summary["perplexity"][source] = ppl
             lines.append(f"| {source} | {ppl:.4f} | | | |")
         else:
-            a = evaluate.compare_on_tokens(model, dense, tokens, seqlen, args.limit, args.batch_size, progress)
+            a = evaluate.compare_on_tokens(model, dense, tokens, seqlen, args.limit, args.batch_size or 1, progress)
             summary["perplexity"][source] = a.ppl_pruned
             summary.setdefault("compare", {"dense": args.compare})[source] = a.to_dict()
             lines.append(f"| {source} | {a.ppl_pruned:.4f} | {a.ppl_dense:.4f} | {a.kl:.4f} | {a.top1:.4f} |")
@@ -470,7 +557,7 @@ def run_eval(args) -> int:
         summary["tasks"] = evaluate.evaluate_tasks(
             model, tokenizer, _csv(args.tasks), include_path=args.include_path, num_fewshot=args.num_fewshot,
             limit=int(args.task_limit) if args.task_limit and args.task_limit >= 1 else args.task_limit,
-            batch_size=args.batch_size,
+            batch_size=args.batch_size or TASK_BATCH,
         )
         lines += ["", "| task | metric | value |", "|---|---|---|"]
         lines += [f"| {t} | {k} | {v:.4f} |" for t, ms in summary["tasks"].items() for k, v in ms.items()]
@@ -539,7 +626,9 @@ def add_report(sub) -> None:
                        description="Summarise DIR/ptp.json as DIR/report.md (and DIR/layers.png with --plot).")
     p.add_argument("dir", help="a directory written by ptp prune")
     p.add_argument("--plot", action="store_true", help="also draw DIR/layers.png (matplotlib)")
-    p.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
+    p.add_argument("--no-verify", action="store_true", help="skip the checksums in ptp.json (sparsities still "
+                                                            "come from the stored weights)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no info logs")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.set_defaults(func=run_report)
 
@@ -547,7 +636,9 @@ def add_report(sub) -> None:
 def run_report(args) -> int:
     from . import report
 
-    record = report.load_record(args.dir)
+    from .integrity import measured_record
+
+    record = measured_record(args.dir, verify=not args.no_verify)  # sparsities from the tensors, not the record's word
     text = report.markdown(record)
     folder = Path(args.dir)
     try:

@@ -116,7 +116,8 @@ class PruneConfig:
         self.sparsity = parse_sparsity(self.sparsity)
         self.method = str(self.method).lower()
         if self.method not in METHODS:
-            raise ConfigError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+            raise ConfigError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}, or structured "
+                              "(removes channels and heads: --method structured, ptp.prune_structured)")
         if self.blocksize < 1:
             raise ConfigError(f"blocksize must be positive, got {self.blocksize}")
         if self.sparsity.is_nm and self.method == "sparsegpt" and self.blocksize % self.sparsity.m:

@@ -23,8 +23,10 @@ from .config import ConfigError
 
 logger = logging.getLogger("ptp")
 
-# Recipe files live in the repository's top-level calib/ folder, next to the package.
-RECIPE_DIR = Path(__file__).resolve().parent.parent / "calib"
+# Recipe files: the copy an installed wheel carries inside the package (see setup.py), else the
+# repository's top-level calib/ folder, next to the package (a source checkout, an editable install).
+_PACKAGED = Path(__file__).resolve().parent / "calib"
+RECIPE_DIR = _PACKAGED if _PACKAGED.is_dir() else Path(__file__).resolve().parent.parent / "calib"
 # datasets' packaged builder for each local file kind.
 BUILDERS = {".txt": "text", ".jsonl": "json", ".parquet": "parquet"}
 # Self-calibration sampling (Williams et al. 2024 sample from the model's own distribution,
@@ -166,11 +168,58 @@ def _file_texts(file: Path, text_field: str) -> list[str]:
     if file.suffix not in BUILDERS:
         raise ConfigError(f"calibration file {file} is not .txt, .jsonl or .parquet (or a .json recipe)")
     extra = {"sample_by": "document"} if file.suffix == ".txt" else {}
-    ds = datasets.load_dataset(BUILDERS[file.suffix], data_files=str(file), split="train", **extra)
+    if file.suffix != ".parquet":
+        check_utf8(file)
+    elif not _parquet_magic(file):  # before datasets, which logs a traceback of its own first
+        raise ConfigError(f"{file} is not a Parquet file (no PAR1 magic at its start and end)")
+    try:
+        ds = datasets.load_dataset(BUILDERS[file.suffix], data_files=str(file), split="train", **extra)
+    except Exception as err:  # DatasetGenerationError, pyarrow's errors: a file that is not what it says
+        cause = err.__cause__ or err
+        raise ConfigError(f"cannot read calibration file {file}: {_first_line(cause)}") from None
     field = "text" if file.suffix == ".txt" else text_field
     if field not in ds.column_names:
         raise ConfigError(f"{file} has no field {field!r} (fields: {', '.join(ds.column_names)}); use --text-field")
-    return [t for t in ds[field] if t]
+    return _strings(ds[field], f"field {field!r} of {file}")
+
+
+def check_utf8(file: Path) -> None:
+    """Refuse a file that is not UTF-8 text (random bytes, a binary named .txt), naming the offset."""
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with open(file, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as err:
+                raise ConfigError(f"{file} is not UTF-8 text (byte {offset + err.start} is 0x{chunk[err.start]:02x})") from None
+            offset += len(chunk)
+    try:
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        raise ConfigError(f"{file} is not UTF-8 text (it ends inside a character)") from None
+
+
+def _parquet_magic(file: Path) -> bool:
+    with open(file, "rb") as f:
+        head = f.read(4)
+        f.seek(max(0, file.stat().st_size - 4))
+        return head == b"PAR1" and f.read(4) == b"PAR1"
+
+
+def _strings(column, what: str) -> list[str]:
+    """The non-empty texts of a column, refusing one that holds anything but text."""
+    odd = next((v for v in column if v is not None and not isinstance(v, str)), None)
+    if odd is not None:
+        raise ConfigError(f"{what} holds {type(odd).__name__} values, not text")
+    return [t for t in column if t]
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
 
 
 # --------------------------------------------------------------------------- recipes
@@ -179,13 +228,29 @@ def _file_texts(file: Path, text_field: str) -> list[str]:
 def load_recipe(path: Path) -> dict:
     """A recipe file (see calib/README.md): which dataset, split and field, and how to draw windows."""
     try:
-        recipe = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as err:
+        recipe = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as err:
         raise ConfigError(f"cannot read calibration recipe {path}: {err}") from None
-    if "dataset" not in recipe:
+    if not isinstance(recipe, dict) or "dataset" not in recipe:
         raise ConfigError(f"calibration recipe {path} has no 'dataset'")
+    problem = _recipe_problem(recipe)
+    if problem:
+        raise ConfigError(f"calibration recipe {path}: {problem}")
     recipe.setdefault("name", Path(path).stem)
     return recipe
+
+
+def _recipe_problem(recipe: dict) -> str | None:
+    """What is wrong with a recipe's fields (see calib/README.md), or None."""
+    for key in ("dataset", "config", "split", "revision", "field", "join", "name"):
+        if key in recipe and not (isinstance(recipe[key], str) or (recipe[key] is None and key != "dataset")):
+            return f"{key!r} must be a string, got {recipe[key]!r}"
+    files = recipe.get("data_files")
+    if files is not None and not isinstance(files, (str, list, dict)):
+        return f"'data_files' must be a path, a list or a dict of them, got {files!r}"
+    if recipe.get("windows", "stream") not in ("stream", "document"):
+        return f"'windows' must be stream or document, got {recipe['windows']!r}"
+    return None
 
 
 def recipe_windows(recipe: dict, tokenizer, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
@@ -211,7 +276,7 @@ def recipe_texts(recipe: dict) -> list[str]:
                 data_files=recipe.get("data_files"), revision=recipe.get("revision"))
     try:
         ds = datasets.load_dataset(**args)
-    except (ConnectionError, FileNotFoundError, OSError) as err:
+    except Exception as err:  # offline, not on the hub, a bad name, split or config: datasets has no common base
         snapshot = _hub_cache_snapshot(recipe["dataset"], recipe.get("revision"))
         if snapshot is None:
             raise ConfigError(
@@ -220,9 +285,17 @@ def recipe_texts(recipe: dict) -> list[str]:
                 "offline? download it once, pass a local file, or use --calib self"
             ) from None
         logger.info("calibration: %s from the local hub cache %s", recipe["dataset"], snapshot)
-        ds = datasets.load_dataset(**{**args, "path": snapshot, "revision": None})
+        try:
+            ds = datasets.load_dataset(**{**args, "path": snapshot, "revision": None})
+        except Exception as err:
+            raise ConfigError(f"cannot load calibration dataset {recipe['dataset']!r} from {snapshot}: "
+                              f"{_first_line(err)}") from None
     field = recipe.get("field", "text")
-    return [t for t in ds[field] if t] if recipe.get("windows") == "document" else list(ds[field])
+    if field not in ds.column_names:
+        raise ConfigError(f"calibration dataset {recipe['dataset']!r} has no field {field!r} "
+                          f"(fields: {', '.join(ds.column_names)})")
+    texts = _strings(ds[field], f"field {field!r} of {recipe['dataset']!r}")
+    return texts if recipe.get("windows") == "document" else list(ds[field])  # the papers join every row, empty ones too
 
 
 def _hub_cache_snapshot(repo_id: str, revision: str | None) -> str | None:

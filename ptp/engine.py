@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import checks
 from .config import ConfigError, PruneConfig, Sparsity
 from .units import ExpertUnit, LinearUnit, block_units, is_linear, observe_inputs, skipped  # noqa: F401
 from .reconstruct import tune_block
@@ -466,14 +467,22 @@ def prunable_layers(model: nn.Module, config: PruneConfig) -> tuple[nn.ModuleLis
     """
     blocks_name, blocks = find_blocks(model, config.blocks)
     all_layers = [linear_layers(block, f"{blocks_name}.{i}", config.skip) for i, block in enumerate(blocks)]
-    for layers in all_layers if config.sparsity.is_nm else ():
-        for name, layer in layers.items():
-            width = weight_matrix(layer).shape[1]
-            if width % config.sparsity.m:
-                raise ConfigError(
-                    f"layer {name} has {width} inputs, not a multiple of M={config.sparsity.m}; "
-                    f"leave it dense with skip={name!r} (--skip {name})"
-                )
+    every = [name for i, block in enumerate(blocks) for name in linear_layers(block, f"{blocks_name}.{i}", ())]
+    checks.check_patterns(config.skip, every, "skip pattern")
+    if isinstance(config.profile, dict):
+        checks.check_patterns(config.profile, [n for layers in all_layers for n in layers], "profile pattern")
+    bad = [(name, weight_matrix(layer).shape[1]) for layers in all_layers if config.sparsity.is_nm
+           for name, layer in layers.items() if weight_matrix(layer).shape[1] % config.sparsity.m]
+    if bad and len(bad) == sum(len(layers) for layers in all_layers):  # skipping them all would prune nothing
+        raise ConfigError(f"no prunable layer has a number of inputs that is a multiple of M={config.sparsity.m} "
+                          f"(inputs: {', '.join(map(str, sorted({w for _, w in bad})))}); choose another N:M")
+    if bad:
+        names = ",".join(name for name, _ in bad)
+        widths = ", ".join(f"{name} ({width})" for name, width in bad[:8]) + (f" and {len(bad) - 8} more" if len(bad) > 8 else "")
+        raise ConfigError(
+            f"{len(bad)} layer{'s' if len(bad) > 1 else ''} with a number of inputs not a multiple of "
+            f"M={config.sparsity.m}: {widths}; leave {'them' if len(bad) > 1 else 'it'} dense with --skip {names}"
+        )
     if config.true_sequential and any(u.kind == "expert" for layers in all_layers for u in layers.values()):
         raise ConfigError("true_sequential needs every calibration batch to take the same path through a block, "
                           "which routing to experts does not; prune this mixture-of-experts model without it")
@@ -552,6 +561,7 @@ def as_token_batch(batches) -> torch.Tensor:
         tokens = torch.cat(rows)
     if tokens.numel() == 0:
         raise ConfigError("no calibration samples")
+    checks.check_token_dtype(tokens)
     return tokens.long()
 
 
@@ -672,7 +682,9 @@ def prune(model: nn.Module, batches, config: PruneConfig, hooks: BlockHooks | No
     """
     start = time.perf_counter()
     hooks = hooks or BlockHooks()
+    config = checks.as_config(config)
     tokens = as_token_batch(batches)
+    checks.check_token_ids(model, tokens)
     device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     blocks, all_layers = prunable_layers(model, config)
     if config.profile == "owl" and type(hooks) is not BlockHooks:

@@ -166,13 +166,20 @@ def read_text_file(path: str | Path) -> str:
     ``shared/data/wikitext2/test.raw.txt``) yields the same text, and the same tokens, as
     the papers' ``"\n\n".join(rows)``; keeping the "\r" changes the tokenization.
     """
-    return Path(path).read_text(encoding="utf-8")
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"evaluation text {path} is not UTF-8 text (byte {err.start} is 0x{err.object[err.start]:02x})") from None
+    except OSError as err:
+        raise ConfigError(f"cannot read evaluation text {path}: {err.strerror or err}") from None
 
 
 def check_source(source: str | Path) -> None:
     """Refuse a source that is neither a named split nor an existing file (cheap, no loading)."""
     if str(source) not in EVAL_TEXTS and not Path(source).is_file():
         raise ConfigError(f"unknown evaluation text {str(source)!r}: not one of {sorted(EVAL_TEXTS)} nor a file")
+    if str(source) not in EVAL_TEXTS:
+        read_text_file(source)  # not UTF-8 text: say so before the model loads
 
 
 def load_eval_text(source: str | Path) -> tuple[str, EvalText | None]:

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import __version__
+from . import __version__, integrity
 from .config import ConfigError, Sparsity, parse_sparsity
 from .units import find_unit
 
@@ -76,20 +76,23 @@ def resolve_model(name: str) -> tuple[str, str | None]:
     return name, None
 
 
-def load_model(name: str, dtype: str = "auto", trust_remote_code: bool = False, device: str | None = None):
+def load_model(name: str, dtype: str = "auto", trust_remote_code: bool = False, device: str | None = None,
+               verify: bool = True):
     """Load a causal LM and its tokenizer from any source ``resolve_model`` accepts.
 
     dtype: "auto" (the checkpoint's own; float32 for GGUF, which is dequantized), "float32",
-    "float16" or "bfloat16". Returns (model in eval mode, tokenizer).
+    "float16" or "bfloat16". verify: a directory ptp wrote is checked against its ptp.json
+    (see ``load``). Returns (model in eval mode, tokenizer).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     if dtype != "auto" and dtype not in DTYPES:
         raise ConfigError(f"unknown dtype {dtype!r}; choose auto, {', '.join(DTYPES)}")
     where, gguf = resolve_model(name)
-    if gguf is None and is_compressed(where):
-        model = load(where, dtype=None if dtype == "auto" else DTYPES[dtype])
-        return model.to(device or "cpu"), AutoTokenizer.from_pretrained(where)
+    if gguf is None and Path(where).is_dir() and (is_compressed(where) or (Path(where) / "ptp.json").is_file()):
+        model = load(where, dtype=None if dtype == "auto" else DTYPES[dtype], verify=verify,
+                     trust_remote_code=trust_remote_code)
+        return model.to(device or "cpu"), AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
     torch_dtype = DTYPES.get(dtype, torch.float32 if gguf else "auto")
     kwargs = dict(gguf_file=gguf) if gguf else {}
     model_kwargs = {}
@@ -99,10 +102,9 @@ def load_model(name: str, dtype: str = "auto", trust_remote_code: bool = False, 
         # Pruning needs dense weights: never let transformers keep GGUF blocks packed (it does
         # when a matmul kernel is installed). Dequantize to float32, then cast.
         model_kwargs = dict(quantization_config=GgufConfig(gguf_file=gguf, dequantize=True), dtype=torch.float32)
+    model = _from_pretrained(where, name, trust_remote_code=trust_remote_code,
+                             **{"dtype": torch_dtype, **kwargs, **model_kwargs})
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            where, trust_remote_code=trust_remote_code, **{"dtype": torch_dtype, **kwargs, **model_kwargs}
-        )
         tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code, **kwargs)
     except (OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
@@ -141,8 +143,9 @@ def check_out_dir(out: str | Path, overwrite: bool = False) -> Path:
     if out.is_dir() and any(out.iterdir()):
         if not overwrite:
             raise ConfigError(f"output directory {out} is not empty; pass --overwrite to replace it")
-        if not (out / "ptp.json").is_file():  # --overwrite deletes DIR: only ever one ptp wrote
-            raise ConfigError(f"refusing to overwrite {out}: it has files but no ptp.json, so ptp did not write it")
+        problem = integrity.overwrite_problem(out)  # --overwrite deletes DIR: only ever one ptp wrote
+        if problem:
+            raise ConfigError(f"refusing to overwrite {out}: {problem}")
     ancestor = out.parent
     while not ancestor.exists():
         ancestor = ancestor.parent
@@ -165,13 +168,40 @@ def atomic_dir(out: str | Path, overwrite: bool = False):
     """
     out = check_out_dir(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.ptp-tmp-", dir=out.parent))
+    # The pid in the name tells a later run whether the directory's writer is still alive.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.ptp-tmp-{os.getpid()}-", dir=out.parent))
     try:
         yield tmp
         publish_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    remove_stale_tmp(out)
+
+
+def remove_stale_tmp(out: Path) -> list[Path]:
+    """Delete the hidden ``.NAME.ptp-tmp-*`` siblings of ``out`` that a killed run left behind
+    (whose writing process no longer exists), and say so. Returns what was removed."""
+    stale = []
+    for path in out.parent.glob(f".{out.name}.ptp-tmp-*"):
+        match = re.match(rf"\.{re.escape(out.name)}\.ptp-tmp-(\d+)-", path.name)
+        if path.is_dir() and not (match and _alive(int(match.group(1)))):
+            stale.append(path)
+    for path in stale:
+        size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+        shutil.rmtree(path, ignore_errors=True)
+        logger.warning("removed %s, left by a killed run (%.1f MB)", path, size / 1e6)
+    return stale
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def publish_dir(tmp: Path, out: Path) -> None:
@@ -238,7 +268,7 @@ def save(
         record = _record(model, report, sparsity, meta, format)
         if format == "compressed":
             record["compression"] = compress_dir(tmp, model, layers, sparsity)
-        (tmp / "ptp.json").write_text(json.dumps(record, indent=2) + "\n")
+        record = integrity.write_record(tmp, record)
         if verify:
             # Each layer is held to its own target when the run had a sparsity profile.
             targets = {l.name: parse_sparsity(l.target) for l in report.layers if l.target} if report else {}
@@ -318,7 +348,17 @@ def verify_dir(folder: Path, model: nn.Module, layers: list[str], sparsity: Spar
             if target is not None:
                 check_sparsity(name, find_unit(reloaded, name).matrix(), target)
     logger.info("verified %s: %d tensors identical, %d pruned layers at %s", folder.name, len(expected),
-                len(layers), sparsity)
+                len(layers), _targets_summary(sparsity))
+
+
+def _targets_summary(sparsity: Sparsity | dict | None) -> str:
+    """``2:4``, or for per-layer targets ``0.42-0.58 (12 values)``: not one entry per layer."""
+    if not isinstance(sparsity, dict):
+        return str(sparsity)
+    ratios = sorted({s.ratio for s in sparsity.values()})
+    if len(ratios) == 1:
+        return str(next(iter(sparsity.values())))
+    return f"{ratios[0]:g}-{ratios[-1]:g} ({len(ratios)} values)"
 
 
 def bit_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -467,50 +507,96 @@ def _is_conv1d(module: nn.Module) -> bool:
 
 
 def read_compressed(folder: str | Path) -> dict[str, torch.Tensor]:
-    """The dense state dict stored in ``folder``'s ``*.ptp.safetensors`` files."""
-    from safetensors import safe_open
-
+    """The dense state dict stored in ``folder``'s ``*.ptp.safetensors`` files. A file that does
+    not decode (garbled header or metadata, a mask that does not fit its shape) is a ConfigError."""
     state = {}
     for file in sorted(Path(folder).glob(f"*{COMPRESSED_SUFFIX}")):
-        with safe_open(str(file), framework="pt") as f:
-            index = json.loads((f.metadata() or {}).get("ptp_compressed", "{}"))
+        with integrity.safe_open(file) as f:
+            index = integrity.compressed_index(f, file)
             for key in f.keys():
                 if not key.endswith((":values", ":mask")):
-                    state[key] = f.get_tensor(key)
+                    state[key] = integrity.get_tensor(f, file, key)
             for key, info in index.items():
-                weight = decompress_weight(f.get_tensor(f"{key}:values"), f.get_tensor(f"{key}:mask"), info["shape"])
+                values, bits = integrity.get_tensor(f, file, f"{key}:values"), integrity.get_tensor(f, file, f"{key}:mask")
+                integrity.check_packed(file, key, values, bits, info["shape"])
+                weight = decompress_weight(values, bits, info["shape"])
                 state[key] = weight.transpose(-1, -2).contiguous() if info["transposed"] else weight
     return state
 
 
-def load(folder: str | Path, dtype: torch.dtype | None = None) -> nn.Module:
+def load(folder: str | Path, dtype: torch.dtype | None = None, verify: bool = True,
+         trust_remote_code: bool = False) -> nn.Module:
     """Load a directory saved by ptp, compressed or dense, as an ordinary dense model.
 
     Compressed weights are restored bit for bit. ``dtype`` converts after loading (None keeps
-    the saved dtype).
+    the saved dtype). ``verify``: check every file against the SHA-256 in ptp.json and every
+    pruned layer against the zeros it claims (see ``ptp.integrity``); a failure is a ConfigError
+    naming the file or layer.
 
     >>> model = ptp.load("out/smollm2-2of4")
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     folder = Path(folder)
     if not folder.is_dir():
         raise ConfigError(f"model path not found: {folder}")
+    record = integrity.check_files(folder) if verify else None
     if not is_compressed(folder):
-        return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype or "auto").eval()
-    config = AutoConfig.from_pretrained(folder)
+        model = _from_pretrained(folder, str(folder), dtype=dtype or "auto", trust_remote_code=trust_remote_code)
+    else:
+        model = _load_compressed(folder)
+        model = model.to(dtype) if dtype is not None else model
+    if verify:
+        integrity.check_claims(model, record, folder)
+    return model.eval()
+
+
+def _load_compressed(folder: Path) -> nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(folder)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"cannot read the config of {folder}: {integrity._first_line(err)}") from None
     state = read_compressed(folder)
+    if not state:
+        raise ConfigError(f"{folder}: its {COMPRESSED_SUFFIX} files hold no tensors")
     saved_dtype = next(iter(state.values())).dtype
     model = AutoModelForCausalLM.from_config(config, dtype=saved_dtype)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # a shape in a header or in the metadata does not fit the config
+        raise ConfigError(f"{folder}: the stored tensors do not fit the model's config: "
+                          f"{' '.join(str(err).split())[:300]}") from None
     model.tie_weights()
     # A key may be missing only because it is tied to a loaded one (lm_head -> embeddings).
     loaded = {id(t) for k, t in model.state_dict(keep_vars=True).items() if k in state}
     untied = [k for k in missing if id(_tensor(model, k)) not in loaded]
     if unexpected or untied:
-        raise RuntimeError(f"{folder}: unexpected tensors {unexpected[:5]}, missing {untied[:5]}")
-    model = model.eval()
-    return model.to(dtype) if dtype is not None else model
+        raise ConfigError(f"{folder}: unexpected tensors {unexpected[:5]}, missing {untied[:5]}")
+    return model
+
+
+def _from_pretrained(where: str | Path, name: str, **kwargs) -> nn.Module:
+    """``AutoModelForCausalLM.from_pretrained`` whose load failures (a missing or truncated shard, a
+    garbled safetensors header, a shape that does not fit the config) are one-line ConfigErrors."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        if "gguf_file" in kwargs:  # converted tensor by tensor: no loading report to read
+            return AutoModelForCausalLM.from_pretrained(where, **kwargs)
+        model, info = AutoModelForCausalLM.from_pretrained(where, output_loading_info=True, **kwargs)
+        missing = sorted(info.get("missing_keys") or ())
+        if missing:  # transformers would leave them randomly initialised, with a warning only
+            raise ConfigError(f"cannot load model {name!r}: its checkpoint lacks {len(missing)} of the model's "
+                              f"tensors ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})")
+        return model
+    except ConfigError:
+        raise
+    except (OSError, ValueError, RuntimeError) as err:
+        raise ConfigError(f"cannot load model {name!r}: {' '.join(str(err).split())[:300] or type(err).__name__}") from None
+    except Exception as err:
+        if type(err).__name__ != "SafetensorError":  # safetensors' own error has no importable base
+            raise
+        raise ConfigError(f"cannot load model {name!r}: a safetensors file is unreadable: {integrity._first_line(err)}") from None
 
 
 def _tensor(model: nn.Module, key: str):
@@ -528,7 +614,7 @@ def export_dense(folder: str | Path, out: str | Path, overwrite: bool = False, v
     """
     folder = Path(folder)
     check_out_dir(out, overwrite)
-    model = load(folder)
+    model = load(folder, verify=verify)
     with atomic_dir(out, overwrite) as tmp:
         model.save_pretrained(tmp)
         _strip_foreign_config(tmp / "config.json")
@@ -540,7 +626,7 @@ def export_dense(folder: str | Path, out: str | Path, overwrite: bool = False, v
         record = json.loads((folder / "ptp.json").read_text()) if (folder / "ptp.json").is_file() else {}
         record.pop("compression", None)
         record.update(format="dense", exported_from=str(folder.absolute()))
-        (tmp / "ptp.json").write_text(json.dumps(record, indent=2) + "\n")
+        record = integrity.write_record(tmp, record)
         if verify:
             verify_dir(tmp, model, [], None)
     return record

@@ -245,10 +245,13 @@ class Shards:
             with safe_open(str(folder / file), framework="pt") as f:
                 self.file = dict.fromkeys(f.keys(), folder / file)
         elif index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            self.file = {key: folder / name for key, name in weight_map.items()}
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+                self.file = {str(key): folder / str(name) for key, name in weight_map.items()}
+            except (UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as err:
+                raise ConfigError(f"{index} is not a safetensors index ({type(err).__name__}: {err})") from None
         elif (folder / "model.safetensors").is_file():
-            with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
+            with io.integrity.safe_open(folder / "model.safetensors") as f:
                 self.file = dict.fromkeys(f.keys(), folder / "model.safetensors")
         else:
             raise ConfigError(f"--stream reads safetensors weights (model.safetensors or {INDEX}); {folder} has none")
@@ -258,24 +261,20 @@ class Shards:
 
     def read(self, keys: list[str], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         """The tensors ``keys``, floating ones cast to ``dtype``; each file is opened once and closed."""
-        from safetensors import safe_open
-
         out = {}
         for file in dict.fromkeys(self.file[key] for key in keys):
-            with safe_open(str(file), framework="pt") as f:
+            with io.integrity.safe_open(file) as f:
                 for key in keys:
                     if self.file[key] == file:
-                        tensor = f.get_tensor(key)
+                        tensor = io.integrity.get_tensor(f, file, key)
                         out[key] = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
         return {key: out[key] for key in keys}
 
     def headers(self) -> dict[str, tuple[list[int], str]]:
         """Shape and safetensors dtype ("F32", "BF16", ...) of every tensor, from the file headers only."""
-        from safetensors import safe_open
-
         out = {}
         for file in sorted(set(self.file.values())):
-            with safe_open(str(file), framework="pt") as f:
+            with io.integrity.safe_open(file) as f:
                 for key in f.keys():
                     if self.file.get(key) == file:
                         piece = f.get_slice(key)
@@ -690,9 +689,9 @@ class Stream(Distributed):
         self.record["stream"] = {"activations": self.activations, "act_budget_bytes": self.act_budget,
                                  "processes": self.world, "resumed_at_block": self.done,
                                  "shards": len(self.block_files) + len(self.outside_files)}
-        (self.work / "ptp.json").write_text(json.dumps(self.record, indent=2) + "\n")
         for leftover in [STATE, *(p.name for p in self.work.glob("activations-rank*.bin"))]:
             (self.work / leftover).unlink(missing_ok=True)
+        self.record = io.integrity.write_record(self.work, self.record)  # last: checksums of every file
         io.publish_dir(self.work, self.out)
         logger.info("saved %s (dense, %d shards%s)", self.out, len(set(weight_map.values())),
                     ", every tensor verified" if verify else "")

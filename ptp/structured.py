@@ -37,6 +37,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .config import ConfigError
+from . import checks
 from .engine import move_outside_blocks, as_token_batch, capture_block_inputs, find_blocks, input_groups, run_block
 from .solvers.structured import (
     COMPENSATION,
@@ -347,6 +348,7 @@ def prune_structured(
     start = time.perf_counter()
     importance, compensation = check_options(ratio, attn_ratio, importance, compensation)
     tokens = as_token_batch(batches)
+    checks.check_token_ids(model, tokens)  # an id outside the vocabulary: one line, not an IndexError
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     blocks_name, layers = find_blocks(model, blocks)
     config = model.config

@@ -127,8 +127,9 @@ def bad_inputs(model_dir, calib, odd_width_dir, tmp_path):
         "malformed N:M": (base() + ["--sparsity", "2:x"], "sparsity must be a fraction"),
         "N >= M": (base() + ["--sparsity", "4:4"], "N:M sparsity needs 0 < N < M"),
         "width not multiple of M": (prune_args(odd_width_dir, calib, tmp_path / "out") + ["--sparsity", "2:4"],
-                                    "layer model.layers.0.mlp.down_proj has 130 inputs, not a multiple of M=4; "
-                                    "leave it dense with .*--skip"),
+                                    "2 layers with a number of inputs not a multiple of M=4: "
+                                    "model.layers.0.mlp.down_proj \\(130\\), model.layers.1.mlp.down_proj \\(130\\); "
+                                    "leave them dense with --skip model.layers.0.mlp.down_proj,model.layers.1.mlp.down_proj"),
         "missing model path": (prune_args(tmp_path / "nope", calib, tmp_path / "out") + ["--sparsity", "0.5"],
                                "model path not found"),
         "no decoder blocks": (base() + ["--sparsity", "0.5", "--blocks", "model.nothing"],

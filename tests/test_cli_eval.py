@@ -75,12 +75,18 @@ def test_bench_json_and_markdown(dirs, capsys, tmp_path):
 
 
 def fake_record(folder):
-    layers = []
+    """A record and the weights it describes: [10, 10] each, 50 + block zeros (ptp report reads them)."""
+    from safetensors.torch import save_file
+
+    layers, tensors = [], {}
     for block in range(3):
         for kind, err in (("self_attn.q_proj", 0.01), ("mlp.down_proj", 0.1)):
-            layers.append({"name": f"model.layers.{block}.{kind}", "sparsity": 0.5 + 0.01 * block,
-                           "error": err * (block + 1), "seconds": 1.0})
-    (folder / "ptp.json").write_text(json.dumps({"model": "tiny", "method": "sparsegpt", "sparsity": "2:4",
+            name = f"model.layers.{block}.{kind}"
+            layers.append({"name": name, "sparsity": 0.5 + 0.01 * block, "error": err * (block + 1), "seconds": 1.0})
+            tensors[f"{name}.weight"] = (torch.arange(100) >= 50 + block).float().reshape(10, 10)
+    save_file(tensors, folder / "model.safetensors")
+    (folder / "ptp.json").write_text(json.dumps({"ptp_version": "0.1.0", "format": "dense", "model": "tiny",
+                                                 "method": "sparsegpt", "sparsity": "2:4",
                                                  "report": {"layers": layers}}))
 
 

@@ -177,7 +177,7 @@ def test_skip_layers_and_blocks():
 
 def test_bad_inputs_raise_config_error():
     model = tiny_model()
-    with pytest.raises(ConfigError, match="not a multiple of M=3"):
+    with pytest.raises(ConfigError, match="no prunable layer has a number of inputs that is a multiple of M=3"):
         ptp.prune(model, tokens(2, 8), ptp.PruneConfig(method="wanda", sparsity="2:3"))
     with pytest.raises(ConfigError, match="no decoder blocks"):
         find_blocks(torch.nn.Sequential(torch.nn.Linear(2, 2)))

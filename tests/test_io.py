@@ -141,9 +141,15 @@ def test_save_refuses_a_non_empty_dir_unless_overwrite(tokenizer, tmp_path):
     assert leftovers(out) == ["keep.txt"] and leftovers(tmp_path) == ["out"]
     with pytest.raises(ConfigError, match="no ptp.json, so ptp did not write it"):
         ptp.save(model, tokenizer, out, report=report, sparsity="0.5", overwrite=True)
-    (out / "ptp.json").write_text("{}")  # an earlier ptp output: --overwrite may replace it
-    ptp.save(model, tokenizer, out, report=report, sparsity="0.5", overwrite=True)
-    assert "keep.txt" not in leftovers(out) and json.loads((out / "ptp.json").read_text())["sparsity"] == "0.5"
+    (out / "ptp.json").write_text("{}")  # not a ptp record: --overwrite would delete keep.txt
+    with pytest.raises(ConfigError, match="ptp.json is not a ptp record"):
+        ptp.save(model, tokenizer, out, report=report, sparsity="0.5", overwrite=True)
+    assert leftovers(out) == ["keep.txt", "ptp.json"]
+    (out / "ptp.json").unlink()
+    (out / "keep.txt").unlink()
+    ptp.save(model, tokenizer, out, report=report, sparsity="0.5")  # a genuine ptp output ...
+    ptp.save(model, tokenizer, out, report=report, sparsity="0.5", overwrite=True)  # ... may be replaced
+    assert json.loads((out / "ptp.json").read_text())["sparsity"] == "0.5"
     assert leftovers(tmp_path) == ["out"]
     (tmp_path / "empty").mkdir()
     ptp.save(model, tokenizer, tmp_path / "empty", report=report, sparsity="0.5")  # empty is fine
@@ -177,12 +183,12 @@ def test_failure_mid_save_leaves_no_dir(tokenizer, tmp_path, monkeypatch, interr
 
 def test_failure_mid_overwrite_keeps_the_old_dir(tokenizer, tmp_path, monkeypatch):
     model, report = pruned(tokenizer, "2:4", method="magnitude")
-    (tmp_path / "out").mkdir()
-    (tmp_path / "out" / "ptp.json").write_text("old")
+    ptp.save(model, tokenizer, tmp_path / "out", report=report)
+    old = (tmp_path / "out" / "ptp.json").read_text()
     monkeypatch.setattr(model, "save_pretrained", lambda folder, **kw: (_ for _ in ()).throw(OSError("boom")))
     with pytest.raises(OSError):
         ptp.save(model, tokenizer, tmp_path / "out", report=report, overwrite=True)
-    assert leftovers(tmp_path) == ["out"] and (tmp_path / "out" / "ptp.json").read_text() == "old"
+    assert leftovers(tmp_path) == ["out"] and (tmp_path / "out" / "ptp.json").read_text() == old
 
 
 def test_sigkill_mid_save_leaves_no_dir(tmp_path):
