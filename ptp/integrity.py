@@ -144,12 +144,12 @@ def check_files(folder: str | Path) -> dict | None:
 def check_claims(model: torch.nn.Module, record: dict | None, folder) -> None:
     """Every layer of the record's report holds the zeros (or, in older records, the sparsity) it
     claims. Raises ConfigError naming the first layer that does not."""
-    from .engine import weight_matrix
+    from .units import find_unit
 
     for layer in ((record or {}).get("report") or {}).get("layers", []):
         try:
-            weight = weight_matrix(model.get_submodule(layer["name"]))
-        except AttributeError:
+            weight = find_unit(model, layer["name"]).matrix()
+        except (KeyError, AttributeError):
             raise ConfigError(f"{folder}: ptp.json reports layer {layer['name']}, which the model does not have") from None
         zeros = int((weight == 0).sum())
         claimed = layer.get("zeros") or round(layer["sparsity"] * weight.numel())
@@ -191,7 +191,7 @@ def compressed_index(f, path: Path) -> dict:
         raise ConfigError(f"{path}: its ptp_compressed metadata is not an object")
     for key, info in index.items():
         shape = info.get("shape") if isinstance(info, dict) else None
-        if not (isinstance(shape, list) and len(shape) == 2 and all(type(s) is int and s > 0 for s in shape)
+        if not (isinstance(shape, list) and len(shape) in (2, 3) and all(type(s) is int and s > 0 for s in shape)
                 and isinstance(info.get("transposed"), bool)):
             raise ConfigError(f"{path}: metadata of {key} is malformed: {info!r}")
         if f"{key}:values" not in keys or f"{key}:mask" not in keys:
