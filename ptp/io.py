@@ -76,20 +76,29 @@ def resolve_model(name: str) -> tuple[str, str | None]:
     return name, None
 
 
-def load_model(name: str, dtype: str = "auto", trust_remote_code: bool = False, device: str | None = None):
+def load_model(name: str, dtype: str = "auto", trust_remote_code: bool = False, device: str | None = None,
+               runtime: str = "dense"):
     """Load a causal LM and its tokenizer from any source ``resolve_model`` accepts.
 
     dtype: "auto" (the checkpoint's own; float32 for GGUF, which is dequantized), "float32",
-    "float16" or "bfloat16". Returns (model in eval mode, tokenizer).
+    "float16" or "bfloat16". runtime: "dense", or "sparse" (CPU: pruned linears become
+    ``ptp.sparse.SparseLinear``; see ``load``). Returns (model in eval mode, tokenizer).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if dtype != "auto" and dtype not in DTYPES:
         raise ConfigError(f"unknown dtype {dtype!r}; choose auto, {', '.join(DTYPES)}")
+    _check_runtime(runtime, device)
     where, gguf = resolve_model(name)
     if gguf is None and is_compressed(where):
-        model = load(where, dtype=None if dtype == "auto" else DTYPES[dtype])
+        model = load(where, dtype=None if dtype == "auto" else DTYPES[dtype], runtime=runtime)
         return model.to(device or "cpu"), AutoTokenizer.from_pretrained(where)
+    if runtime == "sparse":
+        from .sparse import sparsify
+
+        model, tokenizer = load_model(name, dtype, trust_remote_code, device)
+        sparsify(model)
+        return model, tokenizer
     torch_dtype = DTYPES.get(dtype, torch.float32 if gguf else "auto")
     kwargs = dict(gguf_file=gguf) if gguf else {}
     model_kwargs = {}
@@ -452,19 +461,27 @@ def read_compressed(folder: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def load(folder: str | Path, dtype: torch.dtype | None = None) -> nn.Module:
+def load(folder: str | Path, dtype: torch.dtype | None = None, runtime: str = "dense") -> nn.Module:
     """Load a directory saved by ptp, compressed or dense, as an ordinary dense model.
 
     Compressed weights are restored bit for bit. ``dtype`` converts after loading (None keeps
-    the saved dtype).
+    the saved dtype). ``runtime="sparse"``: the pruned linear layers become
+    ``ptp.sparse.SparseLinear`` (packed weights, CPU kernels); a compressed directory is read
+    straight into the packed form, never building a dense weight.
 
     >>> model = ptp.load("out/smollm2-2of4")
+    >>> model = ptp.load("out/smollm2-2of4", runtime="sparse")
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    _check_runtime(runtime)
     folder = Path(folder)
     if not folder.is_dir():
         raise ConfigError(f"model path not found: {folder}")
+    if runtime == "sparse":
+        from .sparse import load_sparse
+
+        return load_sparse(folder, dtype)
     if not is_compressed(folder):
         return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype or "auto").eval()
     config = AutoConfig.from_pretrained(folder)
@@ -480,6 +497,16 @@ def load(folder: str | Path, dtype: torch.dtype | None = None) -> nn.Module:
         raise RuntimeError(f"{folder}: unexpected tensors {unexpected[:5]}, missing {untied[:5]}")
     model = model.eval()
     return model.to(dtype) if dtype is not None else model
+
+
+RUNTIMES = ("dense", "sparse")
+
+
+def _check_runtime(runtime: str, device: str | None = None) -> None:
+    if runtime not in RUNTIMES:
+        raise ConfigError(f"unknown runtime {runtime!r}; choose {' or '.join(RUNTIMES)}")
+    if runtime == "sparse" and device not in (None, "cpu"):
+        raise ConfigError(f"--runtime sparse runs on CPU only, not on {device}")
 
 
 def _tensor(model: nn.Module, key: str):

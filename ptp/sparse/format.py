@@ -27,10 +27,12 @@ The tensors of a ``PackedWeight`` (all contiguous, little-endian, CPU):
                                              32-value load at the last word stays in bounds
 
 Bytes per weight at sparsity s: (1-s)·itemsize + 1/8 (+ 1/64 for the offsets): 0.57× of dense
-bf16 at 50%, 0.54× of fp32. A value is "kept" where the mask says so; packing a dense tensor
-keeps every entry whose bits are not all zero (so -0.0 and NaN survive, and the round trip is
-bit-exact); a mask given explicitly may keep zeros too (an N:M checkpoint stores exactly N
-values per group, some of which may be 0).
+bf16 at 50%, 0.54× of fp32. A value is "kept" where the mask says so. Packing a dense tensor
+keeps its nonzero entries (``weight != 0``: NaN and inf are kept, both signed zeros dropped — a
+pruned weight's zeros are often -0.0, and storing them would cost a value each); the round
+trip ``unpack(pack(W))`` is then bit-exact except that a -0.0 comes back +0.0. With an explicit
+mask (``pack(W, keep)``, ``pack_compressed``) it is bit-exact for every entry, and the mask may
+keep zeros (an N:M checkpoint stores exactly N values per group, some of which may be 0).
 """
 
 from __future__ import annotations
@@ -85,7 +87,7 @@ def layout(out: int, inp: int) -> tuple[int, int]:
 
 def pack(weight: torch.Tensor, keep: torch.Tensor | None = None) -> PackedWeight:
     """Pack ``weight [out, in]`` (fp32/bf16/fp16) under ``keep [out, in]`` (bool; default:
-    every entry whose bits are not all zero).
+    ``weight != 0``).
 
     >>> p = pack(torch.tensor([[1.0, 0.0, 2.0]]))
     >>> p.nnz, int(p.masks[0, 0]), int(p.masks[0, 1]), p.values[:2].tolist()   # col 2: word 1, bit 0
@@ -95,7 +97,7 @@ def pack(weight: torch.Tensor, keep: torch.Tensor | None = None) -> PackedWeight
         raise ConfigError(f"pack needs a 2-D float32/bfloat16/float16 weight, got {tuple(weight.shape)} {weight.dtype}")
     weight = weight.detach().cpu()
     if keep is None:
-        keep = _nonzero_bits(weight)
+        keep = weight != 0
     elif keep.shape != weight.shape:
         raise ConfigError(f"mask shape {tuple(keep.shape)} does not match weight {tuple(weight.shape)}")
     return _pack_rows(weight.shape, weight.dtype, int(keep.sum()),
@@ -165,11 +167,6 @@ def _cells(t: torch.Tensor, words: int) -> torch.Tensor:
     padded = torch.zeros(-(-rows // ROWS) * ROWS, words * COLS, dtype=t.dtype)
     padded[:rows, :inp] = t
     return padded.reshape(-1, ROWS, words, COLS).permute(0, 2, 1, 3).reshape(-1, words, ROWS * COLS)
-
-
-def _nonzero_bits(weight: torch.Tensor) -> torch.Tensor:
-    ints = {4: torch.int32, 2: torch.int16}[weight.element_size()]
-    return weight.view(ints) != 0
 
 
 def _bits(masks: torch.Tensor) -> torch.Tensor:
