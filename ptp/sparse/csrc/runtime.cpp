@@ -135,6 +135,8 @@ int ptp_sparse_matmul(int isa, int vtype, int dense, const int32_t* masks, const
   std::vector<float> xp(size_t(ntok * ldx), 0.0f);
   for (int64_t k = 0; k < ntok; ++k) std::memcpy(&xp[k * ldx], x + k * in, in * sizeof(float));
   Job j{masks, offsets, values, out, in, words, vtype, dense != 0, xp.data(), ntok, ldx, y, out, bias};
+  // Below ~128K multiply-adds, waking a second thread costs more than it saves.
+  if (out * in * ntok < (int64_t(1) << 17)) nthreads = 1;
   const int64_t tiles = (out + ROWS - 1) / ROWS, step = piece(tiles, nthreads);
   pool().run(nthreads, (tiles + step - 1) / step, [&](int64_t c) {
     int64_t t0 = c * step, t1 = std::min(tiles, t0 + step);
