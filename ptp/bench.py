@@ -44,6 +44,11 @@ CPU_NOTE = (
     "CPU: pruned weights are stored dense, with zeros; dense kernels multiply by the zeros all the same, "
     "so unstructured or N:M sparsity does not make this model faster on CPU (differences are noise)."
 )
+SPARSE_NOTE = (
+    "+sparse: the same checkpoint with its pruned linear layers on ptp's sparse runtime (packed kept values + "
+    "1-bit mask, CPU kernels that read only those bytes); decode is bound by memory bandwidth, so it gains up to "
+    "the share of the step those layers take, while the embedding, LM head and attention stay dense."
+)
 SHAPES_NOTE = (
     "The models differ in size (structured pruning makes smaller dense layers): that is a real speedup on any "
     "hardware, bounded by the share of the work that shrank (the embedding and head do not)."
@@ -373,7 +378,8 @@ def throughput(
         add_semi_structured(models, report)
     if device.type == "cpu":
         sizes = set(report.weights_bytes.values())
-        report.notes.append(CPU_NOTE if len(sizes) == 1 else SHAPES_NOTE)
+        sparse = any(type(m).__name__ == "SparseLinear" for model in models.values() for m in model.modules())
+        report.notes.append(SPARSE_NOTE if sparse else CPU_NOTE if len(sizes) == 1 else SHAPES_NOTE)
     for batch, length in prefill_shapes:
         report.measurements += measure(models, "prefill", batch, length, prefill_step, length, warmup, repeats)
     for batch in decode_batches:

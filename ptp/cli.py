@@ -452,19 +452,20 @@ def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _load_for_eval(args, name: str):
+def _load_for_eval(args, name: str, runtime: str = "dense"):
     from . import io
 
+    device = args.device or ("cpu" if runtime == "sparse" else _default_device())
     with _silenced(args.quiet):
-        return io.load_model(name, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
-                             device=args.device or _default_device(), verify=not args.no_verify)
+        return io.load_model(name, dtype=args.dtype, trust_remote_code=args.trust_remote_code, device=device,
+                             verify=not args.no_verify, runtime=runtime)
 
 
 def _write_md(args, text: str, default_name: str) -> Path:
     """The markdown table goes to --md, else next to a local MODEL directory, else to cwd."""
     if args.md:
         path = Path(args.md)
-    elif Path(args.model).is_dir():
+    elif args.model and Path(args.model).is_dir():
         path = Path(args.model) / default_name
     else:
         path = Path(default_name)
@@ -483,6 +484,8 @@ def _common_model_args(p) -> None:
     p.add_argument("--dtype", default="auto", help="auto, float32, float16 or bfloat16")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub")
+    p.add_argument("--runtime", default="dense", choices=("dense", "sparse"),
+                   help="sparse: run MODEL's pruned linear layers on ptp's packed CPU kernels (default dense)")
     p.add_argument("--md", default=None, metavar="PATH",
                    help="write the markdown table here (default: into MODEL if it is a directory, else the cwd)")
     p.add_argument("--no-verify", action="store_true",
@@ -534,7 +537,7 @@ def run_eval(args) -> int:
         raise ConfigError(f"--include-path {args.include_path} is not a directory")
     for source in sources:  # before minutes of model loading
         evaluate.check_source(source)
-    model, tokenizer = _load_for_eval(args, args.model)
+    model, tokenizer = _load_for_eval(args, args.model, args.runtime)
     dense = _load_for_eval(args, args.compare)[0] if args.compare else None
     limit = getattr(model.config, "max_position_embeddings", None) or 2048
     seqlen = _seqlen(args.seqlen, limit)
@@ -564,6 +567,7 @@ def run_eval(args) -> int:
     if not sources:
         lines = lines[3:]  # tasks only: drop the empty perplexity table
     table = f"`{args.model}`, windows of {seqlen} tokens" + (f", first {args.limit}" if args.limit else "")
+    table += ", sparse runtime" if args.runtime == "sparse" else ""
     text = table + "\n\n" + "\n".join(lines)
     summary["markdown"] = str(_write_md(args, text, "eval.md"))
     _emit(args, summary, [text])
@@ -583,8 +587,11 @@ def add_bench(sub) -> None:
 
     p = sub.add_parser("bench", help="prefill and decode throughput, interleaved with the dense model",
                        description="Measure MODEL's tokens/s (and DENSE's in the same run with --compare).")
-    p.add_argument("model", help="hub ID, local model directory, .gguf file, or smollm2-135m")
+    p.add_argument("model", nargs="?", help="hub ID, local model directory, .gguf file, or smollm2-135m")
     p.add_argument("--compare", default=None, metavar="DENSE", help="the dense original, measured interleaved")
+    p.add_argument("--kernels", action="store_true",
+                   help="no model: per-layer-shape time and GB/s of the sparse kernel, the dense linears and a "
+                        "memory copy (see ptp.sparse.bench)")
     p.add_argument("--prefill", default=",".join(f"{b}x{n}" for b, n in PREFILL_SHAPES),
                    help="prefill shapes BATCHxLENGTH (default %(default)s)")
     p.add_argument("--decode-batches", default=",".join(map(str, DECODE_BATCHES)),
@@ -609,14 +616,31 @@ def run_bench(args) -> int:
         raise ConfigError(f"--decode-batches must be integers like 1,8; got {args.decode_batches!r}") from None
     if min([args.repeats, args.new_tokens, args.prompt_len, *decode, *(x for s in shapes for x in s)]) < 1:
         raise ConfigError("shapes, batches, --prompt-len, --new-tokens and --repeats must be positive")
+    if args.kernels:
+        return run_kernel_bench(args)
+    if not args.model:
+        raise ConfigError("bench needs MODEL (or --kernels)")
     model = _load_for_eval(args, args.model)[0]
     models = {"dense": _load_for_eval(args, args.compare)[0], "pruned": model} if args.compare else {"model": model}
+    if args.runtime == "sparse":  # the same checkpoint through the sparse runtime, next to it
+        models[("pruned" if args.compare else "model") + "+sparse"] = _load_for_eval(args, args.model, "sparse")[0]
     report = throughput(models, prefill_shapes=shapes, decode_batches=decode, prompt_len=args.prompt_len,
                         new_tokens=args.new_tokens, warmup=args.warmup, repeats=args.repeats,
                         semi_structured=not args.no_2_4_kernels)
     text = report.markdown()
     summary = {"model": args.model, "compare": args.compare, **report.to_dict()}
     summary["markdown"] = str(_write_md(args, text, "bench.md"))
+    _emit(args, summary, [text])
+    return 0
+
+
+def run_kernel_bench(args) -> int:
+    from .sparse import bench
+
+    rows = bench.kernel_bench(warmup=args.warmup, repeats=args.repeats)
+    text = bench.markdown(rows)
+    summary = {"kernels": bench.to_dicts(rows)}
+    summary["markdown"] = str(_write_md(args, text, "bench-kernels.md"))
     _emit(args, summary, [text])
     return 0
 

@@ -77,22 +77,30 @@ def resolve_model(name: str) -> tuple[str, str | None]:
 
 
 def load_model(name: str, dtype: str = "auto", trust_remote_code: bool = False, device: str | None = None,
-               verify: bool = True):
+               verify: bool = True, runtime: str = "dense"):
     """Load a causal LM and its tokenizer from any source ``resolve_model`` accepts.
 
     dtype: "auto" (the checkpoint's own; float32 for GGUF, which is dequantized), "float32",
     "float16" or "bfloat16". verify: a directory ptp wrote is checked against its ptp.json
-    (see ``load``). Returns (model in eval mode, tokenizer).
+    (see ``load``). runtime: "dense", or "sparse" (CPU: pruned linears become
+    ``ptp.sparse.SparseLinear``; see ``load``). Returns (model in eval mode, tokenizer).
     """
     from transformers import AutoTokenizer
 
     if dtype != "auto" and dtype not in DTYPES:
         raise ConfigError(f"unknown dtype {dtype!r}; choose auto, {', '.join(DTYPES)}")
+    _check_runtime(runtime, device)
     where, gguf = resolve_model(name)
     if gguf is None and Path(where).is_dir() and (is_compressed(where) or (Path(where) / "ptp.json").is_file()):
         model = load(where, dtype=None if dtype == "auto" else DTYPES[dtype], verify=verify,
-                     trust_remote_code=trust_remote_code)
+                     trust_remote_code=trust_remote_code, runtime=runtime)
         return model.to(device or "cpu"), AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
+    if runtime == "sparse":
+        from .sparse import sparsify
+
+        model, tokenizer = load_model(name, dtype, trust_remote_code, device, verify)
+        sparsify(model)
+        return model, tokenizer
     torch_dtype = DTYPES.get(dtype, torch.float32 if gguf else "auto")
     kwargs = dict(gguf_file=gguf) if gguf else {}
     model_kwargs = {}
@@ -525,20 +533,28 @@ def read_compressed(folder: str | Path) -> dict[str, torch.Tensor]:
 
 
 def load(folder: str | Path, dtype: torch.dtype | None = None, verify: bool = True,
-         trust_remote_code: bool = False) -> nn.Module:
+         trust_remote_code: bool = False, runtime: str = "dense") -> nn.Module:
     """Load a directory saved by ptp, compressed or dense, as an ordinary dense model.
 
     Compressed weights are restored bit for bit. ``dtype`` converts after loading (None keeps
     the saved dtype). ``verify``: check every file against the SHA-256 in ptp.json and every
     pruned layer against the zeros it claims (see ``ptp.integrity``); a failure is a ConfigError
-    naming the file or layer.
+    naming the file or layer. ``runtime="sparse"``: the pruned linear layers become
+    ``ptp.sparse.SparseLinear`` (packed weights, CPU kernels); a compressed directory is read
+    straight into the packed form, never building a dense weight.
 
     >>> model = ptp.load("out/smollm2-2of4")
+    >>> model = ptp.load("out/smollm2-2of4", runtime="sparse")
     """
+    _check_runtime(runtime)
     folder = Path(folder)
     if not folder.is_dir():
         raise ConfigError(f"model path not found: {folder}")
     record = integrity.check_files(folder) if verify else None
+    if runtime == "sparse":
+        from .sparse import load_sparse
+
+        return load_sparse(folder, dtype)
     if not is_compressed(folder):
         model = _from_pretrained(folder, str(folder), dtype=dtype or "auto", trust_remote_code=trust_remote_code)
     else:
@@ -597,6 +613,16 @@ def _from_pretrained(where: str | Path, name: str, **kwargs) -> nn.Module:
         if type(err).__name__ != "SafetensorError":  # safetensors' own error has no importable base
             raise
         raise ConfigError(f"cannot load model {name!r}: a safetensors file is unreadable: {integrity._first_line(err)}") from None
+
+
+RUNTIMES = ("dense", "sparse")
+
+
+def _check_runtime(runtime: str, device: str | None = None) -> None:
+    if runtime not in RUNTIMES:
+        raise ConfigError(f"unknown runtime {runtime!r}; choose {' or '.join(RUNTIMES)}")
+    if runtime == "sparse" and device not in (None, "cpu"):
+        raise ConfigError(f"--runtime sparse runs on CPU only, not on {device}")
 
 
 def _tensor(model: nn.Module, key: str):

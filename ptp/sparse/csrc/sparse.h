@@ -1,0 +1,72 @@
+// Internal interface between the C ABI (runtime.cpp) and the per-ISA kernels.
+// The packed layout is documented in ptp/sparse/format.py; in short, per row tile t of 16
+// output rows and column pair p: one uint32 mask word masks[t*words + p], bit 2*r + c set when
+// W[16t + r, 2p + c] is stored; the stored values follow in bit order; offsets[t*groups + g]
+// indexes the first value of the group of GROUP words g of tile t.
+#pragma once
+#include <cstdint>
+
+namespace ptp {
+
+constexpr int ROWS = 16;
+constexpr int GROUP = 16;
+enum VType { F32 = 0, BF16 = 1, F16 = 2 };
+
+struct Job {
+  const int32_t* masks;     // [tiles, words]; ignored when dense
+  const int64_t* offsets;   // [tiles*words/GROUP + 1]; ignored when dense
+  const void* values;       // packed values; dense: 32 values per word, all stored
+  int64_t out, in, words;   // weight [out, in]; words per tile (multiple of GROUP)
+  int vtype;                // VType
+  bool dense;               // the same loop without the mask: every bit set
+  const float* x;           // [ntok, ldx] fp32 activations, zero-padded to ldx = 2*words
+  int64_t ntok, ldx;
+  float* y;                 // [ntok, ldy] fp32 outputs
+  int64_t ldy;
+  const float* bias;        // [out] or nullptr
+};
+
+// y[tok, rows of tiles t0..t1) = x @ W.T (+ bias), for all ntok tokens.
+void matmul_scalar(const Job& j, int64_t t0, int64_t t1);
+void matmul_avx2(const Job& j, int64_t t0, int64_t t1);
+void matmul_avx512(const Job& j, int64_t t0, int64_t t1);
+
+// dst[col, 16*(t - tbase) + r] = W[16t + r, col] for tiles t0..t1), col < in: the transposed
+// dense block, ld floats per column (rows past `out` come out 0).
+void unpack_scalar(const Job& j, int64_t t0, int64_t t1, int64_t tbase, float* dst, int64_t ld);
+void unpack_avx2(const Job& j, int64_t t0, int64_t t1, int64_t tbase, float* dst, int64_t ld);
+void unpack_avx512(const Job& j, int64_t t0, int64_t t1, int64_t tbase, float* dst, int64_t ld);
+
+// Value conversions shared by the kernels (bit-exact; fp16 handles subnormals, inf and NaN).
+inline float bf16_to_f32(uint16_t h) {
+  uint32_t u = uint32_t(h) << 16;
+  float f;
+  __builtin_memcpy(&f, &u, 4);
+  return f;
+}
+
+inline float f16_to_f32(uint16_t h) {
+  uint32_t sign = uint32_t(h & 0x8000) << 16, exp = (h >> 10) & 0x1F, man = h & 0x3FF, u;
+  if (exp == 0x1F) {
+    u = sign | 0x7F800000u | (man << 13);                  // inf / NaN
+  } else if (exp != 0) {
+    u = sign | ((exp + 112) << 23) | (man << 13);          // normal: rebias 15 -> 127
+  } else if (man == 0) {
+    u = sign;                                              // +-0
+  } else {                                                 // subnormal: normalise
+    int e = -1;
+    do { man <<= 1; ++e; } while (!(man & 0x400));
+    u = sign | uint32_t(112 - e) << 23 | ((man & 0x3FF) << 13);
+  }
+  float f;
+  __builtin_memcpy(&f, &u, 4);
+  return f;
+}
+
+inline float load_value(const void* values, int vtype, int64_t i) {
+  if (vtype == F32) return static_cast<const float*>(values)[i];
+  uint16_t h = static_cast<const uint16_t*>(values)[i];
+  return vtype == BF16 ? bf16_to_f32(h) : f16_to_f32(h);
+}
+
+}  // namespace ptp

@@ -1,0 +1,65 @@
+"""``SparseLinear``: a drop-in ``nn.Linear`` whose weight lives in the packed format."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import kernels
+from .format import PackedWeight, pack, unpack, validate
+
+
+class SparseLinear(nn.Module):
+    """y = x @ W.T + b with W [out, in] packed (see ``ptp.sparse.format``).
+
+    Input ``x [..., in]`` of any float dtype and any leading shape; the kernels compute in fp32
+    and the output ``[..., out]`` comes back in ``x``'s dtype (as ``nn.Linear`` would give for
+    weights of that dtype). The packed tensors are buffers (``masks``, ``offsets``,
+    ``values``), so they count in ``model.buffers()`` and in the state dict; the module has no
+    ``weight`` parameter — ``dense_weight()`` unpacks one on demand.
+
+    >>> layer = SparseLinear.from_linear(nn.Linear(64, 32))   # or from a pruned one
+    >>> layer(torch.randn(2, 5, 64)).shape
+    torch.Size([2, 5, 32])
+    """
+
+    def __init__(self, packed: PackedWeight, bias: torch.Tensor | None = None, name: str = "SparseLinear"):
+        super().__init__()
+        validate(packed, name=name)
+        self.out_features, self.in_features = packed.shape
+        if bias is not None and tuple(bias.shape) != (self.out_features,):
+            from ..config import ConfigError
+
+            raise ConfigError(f"{name}: bias {tuple(bias.shape)} does not match {self.out_features} outputs")
+        self.register_buffer("masks", packed.masks)
+        self.register_buffer("offsets", packed.offsets)
+        self.register_buffer("values", packed.values)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Module, transposed: bool = False, name: str = "SparseLinear") -> "SparseLinear":
+        """Pack an ``nn.Linear`` (or, ``transposed=True``, a GPT-2 ``Conv1D`` whose weight is
+        [in, out]); the kept entries are its nonzero ones."""
+        weight = linear.weight.detach()
+        return cls(pack(weight.T if transposed else weight), linear.bias, name=name)
+
+    @property
+    def packed(self) -> PackedWeight:
+        return PackedWeight((self.out_features, self.in_features), self.masks, self.offsets, self.values)
+
+    def dense_weight(self) -> torch.Tensor:
+        """The dense [out, in] weight (zeros where pruned), in the values' dtype."""
+        return unpack(self.packed)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu":
+            raise RuntimeError("SparseLinear runs on CPU only (the packed kernels are CPU kernels)")
+        lead = x.shape[:-1]
+        y = kernels.matmul(self.packed, x.reshape(-1, self.in_features), self.bias)
+        return y.to(x.dtype).reshape(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        nnz = int(self.offsets[-1])
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"values={str(self.values.dtype).replace('torch.', '')}, "
+                f"sparsity={1 - nnz / (self.in_features * self.out_features):.3f}")

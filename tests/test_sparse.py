@@ -1,0 +1,350 @@
+"""The sparse runtime: packed format, every kernel variant against x @ W.T, SparseLinear, the
+converter, loading a compressed checkpoint straight into the packed form, and the fallbacks."""
+
+from __future__ import annotations
+
+import ast
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import ptp
+from ptp.config import ConfigError
+from ptp.sparse import SparseLinear, format as F, kernels as K, sparsify
+from tests.lm_dirs import REPO, run_python, tiny_model, tiny_tokenizer
+
+PATTERNS = ["0.3", "0.5", "0.7", "2:4", "4:8"]
+ISAS = ["scalar", "avx2", "avx512"]
+# Odd shapes: rows not a multiple of the 16-row tile, inputs not of the 2-column pair nor of a
+# 16-word group, and one shape with several groups and tiles.
+SHAPES = [(1, 3), (17, 33), (40, 70), (100, 257)]
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+
+needs_kernels = pytest.mark.skipif(K.library() is None, reason="no C++ compiler: the sparse kernels cannot be built")
+
+
+def pruned_weight(shape, pattern: str, dtype=torch.float32, seed=0) -> torch.Tensor:
+    """A random weight with the pattern's smallest-|w| entries zeroed (N:M along the inputs;
+    the N:M shapes get inputs padded to a multiple of M)."""
+    g = torch.Generator().manual_seed(seed)
+    out, inp = shape
+    sparsity = ptp.parse_sparsity(pattern)
+    if sparsity.is_nm:
+        inp = -(-inp // sparsity.m) * sparsity.m
+    w = torch.randn(out, inp, generator=g)
+    if sparsity.is_nm:
+        groups = w.reshape(out, -1, sparsity.m)
+        drop = groups.abs().argsort(-1)[..., : sparsity.m - sparsity.n]
+        w = groups.scatter(-1, drop, 0.0).reshape(out, inp)
+    else:
+        k = int(sparsity.ratio * w.numel())
+        w.reshape(-1)[w.abs().reshape(-1).argsort()[:k]] = 0.0
+    return w.to(dtype)
+
+
+def isa_env(monkeypatch, isa: str) -> None:
+    """Force a kernel variant through the environment variable, skipping what cannot run here."""
+    if isa != "torch" and not K.supported(isa):
+        pytest.skip(f"this CPU or build cannot run the {isa} kernels")
+    monkeypatch.setenv("PTP_SPARSE_ISA", isa)
+
+
+def reference(x: torch.Tensor, w: torch.Tensor, bias=None) -> torch.Tensor:
+    y = x.double() @ w.double().T
+    return y + bias.double() if bias is not None else y
+
+
+# --------------------------------------------------------------------------- format
+
+
+def test_layout_of_a_hand_packed_weight():
+    # rows 0-1 of tile 0; word 0 = columns 0-1, word 1 = column 2. Bit 2*row + col.
+    w = torch.tensor([[1.0, 0.0, 3.0], [0.0, 5.0, 6.0]])
+    p = F.pack(w)
+    assert p.masks.shape == (1, 16) and p.offsets.tolist() == [0, 4]
+    assert p.masks[0, :3].tolist() == [0b1001, 0b0101, 0]  # (r0,c0),(r1,c1) | (r0,c0),(r1,c0)
+    assert p.values[:4].tolist() == [1.0, 5.0, 3.0, 6.0]
+    assert p.values.numel() == 4 + F.PAD and not p.values[4:].any()
+
+
+def test_offsets_index_every_group():
+    w = pruned_weight((33, 100), "0.5")  # 2 tiles x 64 words = 4 groups per tile
+    p = F.pack(w)
+    keep = F.keep_mask(p)
+    assert torch.equal(keep, w != 0)
+    per_group = [int(keep[16 * t:16 * t + 16, 32 * g:32 * g + 32].sum()) for t in range(3) for g in range(4)]
+    assert p.offsets.tolist() == [0] + torch.tensor(per_group).cumsum(0).tolist()
+
+
+@pytest.mark.parametrize("dtype", F.DTYPES)
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_pack_round_trip_is_bit_exact(dtype, pattern):
+    ints = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}[dtype]
+    for shape in SHAPES:
+        w = pruned_weight(shape, pattern, dtype)
+        w.reshape(-1)[:3] = torch.tensor([float("nan"), float("inf"), 1e-40 if dtype == torch.float32 else 1e-7])
+        p = F.pack(w)
+        F.validate(p, tuple(w.shape))
+        assert p.nnz == int((w != 0).sum())
+        assert torch.equal(F.unpack(p).view(ints), w.view(ints))
+    # An explicit mask keeps what it says, signed zeros included.
+    w = pruned_weight((20, 30), pattern, dtype)
+    w[0, 0] = -0.0
+    keep = w != 0
+    keep[0, 0] = True
+    p = F.pack(w, keep)
+    assert torch.equal(F.unpack(p).view(ints), w.view(ints)) and torch.equal(F.keep_mask(p), keep)
+
+
+@pytest.mark.parametrize("pattern", ["0.5", "2:4"])
+def test_pack_compressed_equals_pack(pattern):
+    from ptp import io
+
+    w = pruned_weight((300, 64), pattern, torch.bfloat16)  # > CHUNK_ROWS rows
+    nm = (2, 4) if pattern == "2:4" else None
+    values, bits = io.compress_weight(w, nm)
+    a, b = F.pack_compressed(values, bits, tuple(w.shape)), F.pack(w, torch.from_numpy(
+        __import__("numpy").unpackbits(bits.numpy(), count=w.numel()).astype(bool)).reshape(w.shape))
+    assert all(torch.equal(x, y) for x, y in zip(a.tensors().values(), b.tensors().values()))
+    assert torch.equal(F.unpack(a), w)
+
+
+def test_corrupt_or_mismatched_packed_weights_are_refused():
+    p = F.pack(pruned_weight((20, 30), "0.5"))
+
+    def bad(**change):
+        t = {**p.tensors(), **change}
+        return F.PackedWeight(change.pop("shape", p.shape), t["masks"], t["offsets"], t["values"])
+
+    outside = p.masks.clone()
+    outside[1, 0] |= 1 << 31  # row 31 of a 20-row weight
+    flipped = p.masks.clone()
+    flipped[0, 0] ^= 1  # one bit more or less: the offsets no longer agree
+    cases = {
+        "outside": bad(masks=outside),
+        "offsets disagree": bad(masks=flipped),
+        "values stored": bad(values=p.values[:-1]),
+        "masks must be int32": bad(masks=p.masks[:, :-1]),
+        "offsets must be int64": bad(offsets=p.offsets.int()),
+        "values must be": bad(values=p.values.double()),
+    }
+    for message, packed in cases.items():
+        with pytest.raises(ConfigError, match=message):
+            SparseLinear(packed)
+    with pytest.raises(ConfigError, match="does not match the layer"):
+        F.validate(p, (30, 20))
+    values, bits = ptp.io.compress_weight(pruned_weight((20, 30), "0.5"))
+    with pytest.raises(ConfigError, match="values but its mask keeps"):
+        F.pack_compressed(values[:-1], bits, (20, 30))
+    with pytest.raises(ConfigError, match="compressed mask holds"):
+        F.pack_compressed(values, bits, (20, 31))
+
+
+# --------------------------------------------------------------------------- kernels
+
+
+@needs_kernels
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", F.DTYPES)
+def test_every_kernel_matches_x_at_w_t(monkeypatch, isa, dtype):
+    """Every pattern, odd shape, bias or not, 1-16 tokens (small-batch path) and 40 (prefill),
+    through the env var: within float32 rounding of the fp64 product of the same numbers."""
+    isa_env(monkeypatch, isa)
+    g = torch.Generator().manual_seed(1)
+    for pattern in PATTERNS:
+        for shape in SHAPES:
+            w = pruned_weight(shape, pattern, dtype)
+            p = F.pack(w)
+            bias = torch.randn(shape[0], generator=g)
+            for i, tokens in enumerate((1, 2, 3, 16, 40)):  # 16: the largest small batch; 40: prefill
+                x = torch.randn(tokens, w.shape[1], generator=g)
+                for b in (None, bias):
+                    y = K.matmul(p, x, b, threads=1 + i % 2)
+                    bound = 1e-5 * (x.abs().double() @ w.abs().double().T + 1)
+                    assert y.dtype == torch.float32 and y.shape == (tokens, shape[0])
+                    assert ((y.double() - reference(x, w, b)).abs() <= bound).all(), (pattern, shape, tokens)
+
+
+@needs_kernels
+@pytest.mark.parametrize("isa", ISAS)
+def test_simd_variants_agree_with_the_scalar_reference(monkeypatch, isa):
+    isa_env(monkeypatch, isa)
+    for dtype in F.DTYPES:
+        w = pruned_weight((70, 130), "0.6", dtype, seed=3)
+        p = F.pack(w)
+        x = torch.randn(5, 130)
+        assert torch.allclose(K.matmul(p, x), K.matmul(p, x, isa="scalar"), rtol=1e-5, atol=1e-5)
+        # The prefill path unpacks tiles into a transposed fp32 block: exact copies of the values.
+        assert torch.equal(K.unpack_block(p, 1, 5)[:, :54], w[16:70].float().T)
+        assert not K.unpack_block(p, 4, 5)[:, 6:].any()
+
+
+@needs_kernels
+@pytest.mark.parametrize("isa", ISAS)
+def test_dense_bf16_kernel_is_the_same_loop_without_the_mask(monkeypatch, isa):
+    isa_env(monkeypatch, isa)
+    w = torch.randn(50, 77).bfloat16()
+    for tokens in (1, 2, 5):
+        x = torch.randn(tokens, 77)
+        y = K.dense_bf16_matmul(F.pack_dense(w), tuple(w.shape), x)
+        assert ((y.double() - reference(x, w)).abs() <= 1e-5 * (x.abs().double() @ w.abs().double().T)).all()
+
+
+def test_unknown_or_unsupported_isa_is_refused(monkeypatch):
+    monkeypatch.setenv("PTP_SPARSE_ISA", "sse9")
+    with pytest.raises(ConfigError, match="PTP_SPARSE_ISA"):
+        K.selected_isa()
+
+
+# --------------------------------------------------------------------------- SparseLinear
+
+
+@pytest.mark.parametrize("isa", ISAS + ["torch"])
+@pytest.mark.parametrize("dtype", F.DTYPES)
+def test_sparse_linear_is_a_drop_in_linear(monkeypatch, isa, dtype):
+    if isa != "torch" and K.library() is None:
+        pytest.skip("no C++ compiler")
+    isa_env(monkeypatch, isa)
+    linear = torch.nn.Linear(68, 33).to(dtype)
+    with torch.no_grad():
+        linear.weight.copy_(pruned_weight((33, 68), "2:4", dtype))
+    sparse = SparseLinear.from_linear(linear)
+    for lead in ((), (3,), (2, 5), (2, 20)):
+        x = torch.randn(*lead, 68).to(dtype)
+        y = sparse(x)
+        want = torch.nn.functional.linear(x.float(), linear.weight.float(), linear.bias.float())
+        assert y.dtype == dtype and y.shape == (*lead, 33)
+        assert torch.allclose(y.float(), want, rtol=TOL[dtype], atol=TOL[dtype])
+    assert torch.equal(sparse.dense_weight(), linear.weight.detach())
+    assert "sparsity=0.500" in repr(sparse)
+
+
+@needs_kernels
+@pytest.mark.parametrize("pattern", ["2:4", "0.5"])
+def test_converted_tiny_llama_generates_the_same_greedy_tokens(pattern):
+    tokenizer = tiny_tokenizer()
+    model = tiny_model(tokenizer, intermediate=96)
+    calib = torch.randint(0, len(tokenizer), (4, 32), generator=torch.Generator().manual_seed(0))
+    ptp.prune(model, calib, ptp.PruneConfig(method="magnitude", sparsity=pattern))
+    ids = calib[:1, :8]
+    dense_tokens = model.generate(ids, max_new_tokens=16, do_sample=False)
+    dense_logits = model(calib).logits
+    names = sparsify(model)
+    assert len(names) == 14 and isinstance(model.model.layers[1].mlp.down_proj, SparseLinear)
+    assert isinstance(model.lm_head, torch.nn.Linear)  # tied to the embeddings: stays dense
+    assert torch.equal(model.generate(ids, max_new_tokens=16, do_sample=False), dense_tokens)
+    assert torch.allclose(model(calib).logits, dense_logits, atol=1e-4, rtol=1e-4)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def save_pruned(tmp_path, fmt="compressed", hidden=64, intermediate=128, layers=2, dtype=torch.float32):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    tokenizer = tiny_tokenizer()
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=intermediate,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=4,
+                         max_position_embeddings=64, tie_word_embeddings=True)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+    calib = torch.randint(0, len(tokenizer), (2, 16), generator=torch.Generator().manual_seed(0))
+    report = ptp.prune(model, calib, ptp.PruneConfig(method="magnitude", sparsity="2:4"))
+    out = tmp_path / fmt
+    ptp.save(model, tokenizer, out, report=report, sparsity="2:4", format=fmt)
+    return model, out
+
+
+@needs_kernels
+@pytest.mark.parametrize("fmt", ["compressed", "dense"])
+def test_load_with_the_sparse_runtime(tmp_path, fmt):
+    model, folder = save_pruned(tmp_path, fmt)
+    sparse = ptp.load(folder, runtime="sparse")
+    assert sum(isinstance(m, SparseLinear) for m in sparse.modules()) == 14
+    assert sparse.lm_head.weight.data_ptr() == sparse.get_input_embeddings().weight.data_ptr()
+    ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(sparse(ids).logits, model(ids).logits, atol=1e-4, rtol=1e-4)
+    dense, _ = ptp.load_model(str(folder), runtime="sparse")
+    assert isinstance(dense.model.layers[0].self_attn.q_proj, SparseLinear)
+    with pytest.raises(ConfigError, match="unknown runtime"):
+        ptp.load(folder, runtime="fast")
+
+
+PEAK = """
+import gc, json, sys, torch, ptp
+import safetensors
+from transformers import AutoConfig, AutoModelForCausalLM
+from ptp.sparse import SparseLinear, convert, kernels
+def status(key):
+    return int(next(l for l in open('/proc/self/status') if l.startswith(key)).split()[1]) * 1024
+kernels.library()
+with convert._parameters_on_meta():  # import and run every piece of model code once, weightless
+    AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(sys.argv[1]))
+runs = {}
+for runtime in ("sparse", "dense"):
+    gc.collect()
+    open('/proc/self/clear_refs', 'w').write('5')   # reset the peak (VmHWM) to the current RSS
+    before = status('VmRSS')
+    model = ptp.load(sys.argv[1], runtime=runtime)
+    packed = sum(m.masks.nbytes + m.offsets.nbytes + m.values.nbytes for m in model.modules() if isinstance(m, SparseLinear))
+    runs[runtime] = {"peak": status('VmHWM') - before, "packed": packed}
+    del model
+print(json.dumps(runs))
+"""
+
+
+@needs_kernels
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc peak-RSS reset")
+def test_compressed_checkpoint_loads_without_building_dense_weights(tmp_path):
+    """fp32 2:4, 21 MB of linear weights (11 MB packed). Building them dense on top of the packed
+    ones would lift the sparse load's peak above packed + dense = 32 MB; it must stay below
+    packed + 0.75 x dense, and below 0.6x the peak of an ordinary (dense) load of the same
+    directory. glibc is told to give large freed blocks back at once (mmap threshold 64 KiB), so
+    the resident size follows what is alive rather than the allocator's cache."""
+    model, folder = save_pruned(tmp_path, hidden=512, intermediate=1024, layers=2)
+    dense_bytes = sum(m.weight.nbytes for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head")
+    proc = run_python(f"import sys; sys.argv = ['', {str(folder)!r}]\n" + PEAK,
+                      {"MALLOC_MMAP_THRESHOLD_": "65536", "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    runs = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert runs["sparse"]["packed"] < 0.55 * dense_bytes
+    assert runs["dense"]["peak"] > dense_bytes
+    assert runs["sparse"]["peak"] < runs["sparse"]["packed"] + 0.75 * dense_bytes, (runs, dense_bytes)
+    assert runs["sparse"]["peak"] < 0.6 * runs["dense"]["peak"], runs
+
+
+# --------------------------------------------------------------------------- fallbacks and hygiene
+
+
+def test_no_compiler_falls_back_to_torch_with_one_message(tmp_path):
+    code = """
+import logging, torch
+logging.basicConfig(level=logging.INFO)
+from ptp.sparse import SparseLinear, kernels
+layer = torch.nn.Linear(40, 24)
+with torch.no_grad():
+    layer.weight[:, ::2] = 0
+sparse = SparseLinear.from_linear(layer)
+x = torch.randn(3, 40)
+assert kernels.selected_isa() == 'torch'
+assert torch.allclose(sparse(x), layer(x), atol=1e-5)
+sparse(x)
+print('fallback ok')
+"""
+    env = {"PATH": str(tmp_path), "CXX": "", "PTP_SPARSE_CACHE": str(tmp_path / "cache")}
+    proc = run_python(code, env)
+    assert proc.returncode == 0 and "fallback ok" in proc.stdout, proc.stderr[-2000:]
+    assert proc.stderr.count("C kernels unavailable (no C++ compiler found") == 1
+    assert proc.stderr.count("sparse runtime: torch kernels") == 1
+
+
+def test_the_runtime_never_imports_the_pruning_engine():
+    for file in (REPO / "ptp" / "sparse").glob("*.py"):
+        for node in ast.walk(ast.parse(file.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                module = "." * node.level + (node.module or "")
+                assert not module.lstrip(".").startswith(("engine", "solvers", "io")), (file.name, module)
+                assert "ptp.engine" not in module and "ptp.solvers" not in module
