@@ -932,6 +932,11 @@ def rebuild_block(block: nn.Module, template: nn.Module) -> nn.Module:
     return template.train(block.training)
 
 
+def _probe_width(width: int) -> int:
+    """A different width to build a probe with (which key moves the width is seen by moving it)."""
+    return width - MULTIPLE_OF if width > MULTIPLE_OF else width + MULTIPLE_OF
+
+
 def _prepare(config, block, hidden, batch_kwargs, layout, ratio, attn_ratio, experts_ratio, compensation):
     """Recognise block 0, plan the removal, find the config keys and check the result is
     expressible. Returns (units, experts, plan, new config, kinds of unit that gain biases)."""
@@ -949,18 +954,20 @@ def _prepare(config, block, hidden, batch_kwargs, layout, ratio, attn_ratio, exp
     if mlp:
         width = in_width(block.get_submodule(mlp.consumer))
         measure = lambda b, c=mlp.consumer: in_width(b.get_submodule(c))  # noqa: E731
-        mlp_key = config_key(config, width, width - MULTIPLE_OF, measure)
+        mlp_key = config_key(config, width, _probe_width(width), measure)
         if mlp_key is None:
             fixed = f"its MLP width {width} is fixed in code (no config key sets {mlp.consumer}'s input width)"
             units = [u for u in units if u is not mlp]
             mlp = None
     widths = {}
+    if experts_ratio and not experts:
+        raise ConfigError(f"experts_ratio applies to mixture-of-experts models; {name} has no routed experts")
     if experts:
         if experts.top_k > experts.count:
             raise ConfigError(f"{name} routes to {experts.top_k} of {experts.count} experts")
         count_key = config_key(config, experts.count, experts.count - 1,
                                lambda b: b.get_submodule(experts.router).weight.shape[0])
-        width_key = config_key(config, experts.width, experts.width - MULTIPLE_OF,
+        width_key = config_key(config, experts.width, _probe_width(experts.width),
                                lambda b: getattr(b.get_submodule(experts.path), experts.down).shape[2]) \
             if experts.width else None
         if width_key is None:

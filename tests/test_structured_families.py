@@ -278,6 +278,11 @@ def test_too_few_experts_left_for_top_k_is_refused():
         prune_structured(family_model("mixtral"), tokens(4, 16), 0.0, experts_ratio=0.75)
 
 
+def test_experts_ratio_on_a_dense_model_is_refused():
+    with pytest.raises(ConfigError, match="experts_ratio applies to mixture-of-experts models; LlamaConfig has no"):
+        prune_structured(family_model("llama"), tokens(4, 16), 0.3, experts_ratio=0.5)
+
+
 def test_expert_with_too_few_tokens_is_pruned_with_a_logged_fallback(caplog, tmp_path):
     model = family_model("mixtral")
     with caplog.at_level(logging.WARNING, logger="ptp"):
