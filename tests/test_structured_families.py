@@ -278,6 +278,37 @@ def test_too_few_experts_left_for_top_k_is_refused():
         prune_structured(family_model("mixtral"), tokens(4, 16), 0.0, experts_ratio=0.75)
 
 
+def test_experts_in_an_unrecognised_layout_lose_whole_experts_only():
+    """Experts whose forward is not down(act(g) * u) (here: scaled by 2) fail the layout check:
+    their channels are not touched (refused, by default), whole experts still go."""
+    def doubled(module):
+        forward = module.forward
+        module.forward = lambda hidden, index, weights: 2 * forward(hidden, index, weights)
+
+    model = family_model("mixtral")
+    for block in model.model.layers:
+        doubled(block.mlp.experts)
+    with pytest.raises(ConfigError, match="not in the fused gate|up layout whose channels ptp can remove"):
+        prune_structured(model, tokens(8, 16), 0.3)
+    report = prune_structured(model, tokens(8, 16), 0.0, experts_ratio=0.5)
+    assert report.config == {"num_local_experts": 2} and report.expert_intermediate == (0, 0)
+    assert model.model.layers[0].mlp.experts.down_proj.shape == (2, 64, 96)
+
+
+@pytest.mark.parametrize("family,overrides", [
+    ("cohere", dict(use_qk_norm=True)),  # q_norm / k_norm weights [heads, head_dim]
+    ("stablelm", dict(qk_layernorm=True)),  # one LayerNorm per head
+    ("falcon", dict(new_decoder_architecture=False, multi_query=True, parallel_attn=True)),  # Falcon-7B style
+    ("llama", dict(attention_bias=True, mlp_bias=True)),  # biases solved for by least squares
+    ("qwen2_moe", dict(norm_topk_prob=True)),
+])
+def test_family_variants_reload(family, overrides, tmp_path):
+    model = family_model(family, **overrides)
+    report = prune_structured(model, calibration(family), 0.3)
+    assert report.removed == pytest.approx(0.3, abs=0.05)
+    reloads_identically(model, tmp_path)
+
+
 def test_experts_ratio_on_a_dense_model_is_refused():
     with pytest.raises(ConfigError, match="experts_ratio applies to mixture-of-experts models; LlamaConfig has no"):
         prune_structured(family_model("llama"), tokens(4, 16), 0.3, experts_ratio=0.5)
