@@ -949,34 +949,19 @@ def _prepare(config, block, hidden, batch_kwargs, layout, ratio, attn_ratio, exp
     if attn_ratio and not can_drop:
         raise ConfigError(f"{name} derives head_dim from hidden_size, so its heads cannot be removed in a "
                           "standard config; use attn_ratio=0")
-    mlp = next((u for u in units if u.kind == "mlp"), None)
-    fixed = None  # why the MLP cannot shrink
-    if mlp:
-        width = in_width(block.get_submodule(mlp.consumer))
-        measure = lambda b, c=mlp.consumer: in_width(b.get_submodule(c))  # noqa: E731
-        mlp_key = config_key(config, width, _probe_width(width), measure)
-        if mlp_key is None:
-            fixed = f"its MLP width {width} is fixed in code (no config key sets {mlp.consumer}'s input width)"
-            units = [u for u in units if u is not mlp]
-            mlp = None
-    widths = {}
     if experts_ratio and not experts:
         raise ConfigError(f"experts_ratio applies to mixture-of-experts models; {name} has no routed experts")
-    if experts:
-        if experts.top_k > experts.count:
-            raise ConfigError(f"{name} routes to {experts.top_k} of {experts.count} experts")
-        count_key = config_key(config, experts.count, experts.count - 1,
-                               lambda b: b.get_submodule(experts.router).weight.shape[0])
-        width_key = config_key(config, experts.width, _probe_width(experts.width),
-                               lambda b: getattr(b.get_submodule(experts.path), experts.down).shape[2]) \
-            if experts.width else None
-        if width_key is None:
-            experts.width = 0
+    mlp = next((u for u in units if u.kind == "mlp"), None)
+    mlp_key, fixed = _mlp_key(config, block, mlp) if mlp else (None, None)
+    if fixed:  # the MLP cannot shrink in this config: plan without it
+        units = [u for u in units if u is not mlp]
+    count_key, width_key = _expert_keys(config, experts) if experts else (None, None)
+
     plan = plan_removal(block, units, experts, kv, ratio, attn_ratio, experts_ratio, can_drop)
     if experts and not experts.width and not experts_ratio and ratio:
         raise ConfigError(f"the experts of {name} are not in the fused gate|up layout whose channels ptp can "
                           "remove; remove whole experts instead (experts_ratio, with ratio=0 for experts only)")
-    if not (plan.kv_groups or plan.channels or plan.experts or plan.expert_channels) and ratio:
+    if ratio and not (plan.kv_groups or plan.channels or plan.experts or plan.expert_channels):
         reasons = [fixed] if fixed else []
         if not can_drop:
             reasons.append("its heads cannot be removed (head_dim is derived from hidden_size, or one KV group)")
@@ -984,21 +969,48 @@ def _prepare(config, block, hidden, batch_kwargs, layout, ratio, attn_ratio, exp
                           + ("; ".join(reasons) or "the ratio is too small for one structure"))
     if fixed:
         logger.warning("%s: the MLP stays whole, %s", name, fixed)
-    if mlp and plan.channels:
+    if plan.expert_channels and compensation == "bias":
+        raise ConfigError("the experts have no bias to compensate into; use compensation='ls'")
+    if plan.experts and count_key is None:
+        raise ConfigError(f"no key of {name} sets the number of experts ({experts.count})")
+
+    widths = {}  # what: (config key, new value)
+    if plan.channels:
         widths["mlp"] = (mlp_key, in_width(block.get_submodule(mlp.consumer)) - plan.channels)
-    if experts and plan.experts:
-        if count_key is None:
-            raise ConfigError(f"no key of {name} sets the number of experts ({experts.count})")
+    if plan.experts:
         widths["experts"] = (count_key, experts.count - plan.experts)
-    if experts and plan.expert_channels:
-        if compensation == "bias":
-            raise ConfigError("the experts have no bias to compensate into; use compensation='ls'")
+    if plan.expert_channels:
         widths["expert width"] = (width_key, experts.width - plan.expert_channels)
     new_config = target_config(config, plan, layout, widths)
     pruned = [u for u in units if (plan.kv_groups if u.kind == "attention" else plan.channels)]
     biased = _enable_bias(new_config, block, pruned) if compensation == "bias" else set()
     check_expressible(config, new_config, units, experts, plan, layout, biased)
     return units, experts, plan, new_config, biased
+
+
+def _mlp_key(config, block, mlp: Unit) -> tuple[str | None, str | None]:
+    """(the config key of the MLP width, None), or (None, why the width cannot change)."""
+    width = in_width(block.get_submodule(mlp.consumer))
+    key = config_key(config, width, _probe_width(width), lambda b: in_width(b.get_submodule(mlp.consumer)))
+    if key is None:
+        return None, f"its MLP width {width} is fixed in code (no config key sets {mlp.consumer}'s input width)"
+    return key, None
+
+
+def _expert_keys(config, experts: Experts) -> tuple[str | None, str | None]:
+    """The config keys of the number of experts and of each expert's width (None where no key
+    moves it; a width without a key leaves the experts' channels alone: ``experts.width`` = 0)."""
+    if experts.top_k > experts.count:
+        raise ConfigError(f"{type(config).__name__} routes to {experts.top_k} of {experts.count} experts")
+    count_key = config_key(config, experts.count, experts.count - 1,
+                           lambda b: next(p.shape[0] for p in b.get_submodule(experts.router).parameters(recurse=False)
+                                          if p.dim() == 2))
+    width_key = None
+    if experts.width:
+        width_key = config_key(config, experts.width, _probe_width(experts.width),
+                               lambda b: getattr(b.get_submodule(experts.path), experts.down).shape[2])
+        experts.width = experts.width if width_key else 0
+    return count_key, width_key
 
 
 def _prune_block(block, i, units, experts, plan, hidden, batch_kwargs, batch_size, importance, compensation,
