@@ -309,6 +309,15 @@ def test_family_variants_reload(family, overrides, tmp_path):
     reloads_identically(model, tmp_path)
 
 
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "phi3"])
+def test_bfloat16_model_prunes_and_reloads_in_bfloat16(family, tmp_path):
+    family_model(family).save_pretrained(tmp_path / "dense")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "dense", dtype=torch.bfloat16).eval()
+    prune_structured(model, calibration(family), 0.3, experts_ratio=0.25 if family in MOE_FAMILIES else None)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    reloads_identically(model, tmp_path)
+
+
 def test_experts_ratio_on_a_dense_model_is_refused():
     with pytest.raises(ConfigError, match="experts_ratio applies to mixture-of-experts models; LlamaConfig has no"):
         prune_structured(family_model("llama"), tokens(4, 16), 0.3, experts_ratio=0.5)
