@@ -617,8 +617,8 @@ def cut_unit(block, unit: Unit, keep_groups: torch.Tensor, keep: torch.Tensor, h
 
 
 def cut_experts(block, experts: Experts, kept: torch.Tensor) -> None:
-    """Keep the experts ``kept`` (bool [E]), in place: dim 0 of every expert tensor, the router's
-    rows, and the modules' expert counts."""
+    """Keep the experts ``kept`` (bool [E]), in place: dim 0 of every expert tensor and the
+    router's rows. (The modules' expert counts come with ``rebuild_block``.)"""
     module, router = block.get_submodule(experts.path), block.get_submodule(experts.router)
     for owner in (module, router):
         for key, p in list(owner.named_parameters(recurse=False)):
@@ -627,12 +627,6 @@ def cut_experts(block, experts: Experts, kept: torch.Tensor) -> None:
         for key, b in list(owner.named_buffers(recurse=False)):
             if b is not None and b.dim() and b.shape[0] == experts.count:  # e.g. a score-correction bias
                 setattr(owner, key, _take(b, kept, 0))
-    new = int(kept.sum())
-    parent = block.get_submodule(experts.path.rpartition(".")[0]) if "." in experts.path else block
-    for owner in (module, router, parent):  # one_hot(top_k_index, num_experts + 1) etc. read these
-        for key, value in list(vars(owner).items()):
-            if "expert" in key.lower() and "per_tok" not in key and type(value) is int and value == experts.count:
-                setattr(owner, key, new)
 
 
 def cut_expert_channels(module, experts: Experts, keep: torch.Tensor, down: torch.Tensor) -> None:
@@ -643,9 +637,6 @@ def cut_expert_channels(module, experts: Experts, keep: torch.Tensor, down: torc
     new = torch.stack([_take(gate_up[e], rows[e], 0) for e in range(gate_up.shape[0])])
     setattr(module, experts.gate_up, nn.Parameter(new))
     setattr(module, experts.down, nn.Parameter(down.to(gate_up.dtype).contiguous()))
-    for key, value in list(vars(module).items()):
-        if "intermediate" in key.lower() and type(value) is int and value == experts.width:
-            setattr(module, key, int(keep[0].sum()))
 
 
 # --------------------------------------------------------------------------- choosing and solving
