@@ -111,7 +111,7 @@ class BlockReport:
     block: int
     attention_error: float | None  # ||Wx - W'x||^2 / ||Wx||^2 of o_proj on the calibration inputs
     mlp_error: float | None  # the same for down_proj / fc2
-    expert_error: float | None = None  # the same over the kept experts' down_proj, summed
+    expert_error: float | None = None  # the same for the kept experts' down_proj, averaged
     expert_tokens: list[int] | None = None  # calibration tokens routed to each original expert
     experts_kept: list[int] | None = None  # the original indices of the kept experts
 
@@ -729,7 +729,7 @@ def prune_experts(block, experts: Experts, stats: ExpertStats, plan: Plan, impor
     channels of every kept expert, each from its own statistics. An expert routed fewer tokens than
     its kept width (too few for a least-squares fit) is logged and pruned by E[z_j^2] ||W_:,j||^2
     from what it has (by ||W_:,j||^2 alone when it got none), without the update.
-    Returns (original indices of the kept experts, summed relative output error of the kept experts'
+    Returns (original indices of the kept experts, mean relative output error of the kept experts'
     down projections, or None when no channels were removed)."""
     order = expert_energy_order(stats.energy, stats.tokens)
     kept = torch.ones(experts.count, dtype=torch.bool)

@@ -273,6 +273,20 @@ def test_experts_and_expert_channels_together_reload(family, tmp_path):
     reloads_identically(model, tmp_path)
 
 
+@pytest.mark.parametrize("importance", ["flap", "wanda-sp", "obs"])
+def test_expert_channels_with_every_importance(importance, tmp_path):
+    model = family_model("mixtral")
+    report = prune_structured(model, calibration("mixtral"), 0.3, attn_ratio=0, importance=importance)
+    assert report.expert_intermediate == (96, 64)
+    assert all(0 < b.expert_error < 1 for b in report.blocks)
+    reloads_identically(model, tmp_path)
+
+
+def test_bias_compensation_of_expert_channels_is_refused():
+    with pytest.raises(ConfigError, match="the experts have no bias to compensate into"):
+        prune_structured(family_model("mixtral"), tokens(4, 16), 0.3, attn_ratio=0, compensation="bias")
+
+
 def test_too_few_experts_left_for_top_k_is_refused():
     with pytest.raises(ConfigError, match="cannot keep 1 of 4 experts: each token is routed to 2"):
         prune_structured(family_model("mixtral"), tokens(4, 16), 0.0, experts_ratio=0.75)
