@@ -752,7 +752,8 @@ def prune_experts(block, experts: Experts, stats: ExpertStats, plan: Plan, impor
             errors.append(error)
         cut_experts(block, experts, kept)
         cut_expert_channels(module, experts, torch.stack(masks).to(down.device), torch.stack(new_down))
-        return kept_ids, float(sum(errors)) / len(errors)
+        measured = [e for e in errors if e == e]  # an expert without tokens has no error to measure (nan)
+        return kept_ids, sum(measured) / len(measured) if measured else None
     if plan.experts:
         cut_experts(block, experts, kept)
     return kept_ids, None

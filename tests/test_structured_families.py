@@ -163,6 +163,14 @@ def test_least_squares_pays_on_new_layouts(family):
 # --------------------------------------------------------------------------- mixture of experts
 
 
+def test_expert_order_is_by_output_energy_then_tokens():
+    from ptp.solvers.structured import expert_energy_order
+
+    energy = torch.tensor([0.5, 0.0, 2.0, 0.0, 0.1])
+    routed = torch.tensor([3, 0, 9, 5, 40])  # expert 4: routed most, contributes little
+    assert expert_energy_order(energy, routed).tolist() == [1, 3, 4, 0, 2]
+
+
 def test_expert_statistics_equal_routing_by_hand():
     """Mixtral block 0: tokens, output energy and down-projection input moments per expert, from
     the hook, against the router's softmax top-2 and the expert maths written out."""
