@@ -457,7 +457,7 @@ def heads_expressible(config, unit: Unit | None, heads: int, kv: int, head_dim: 
     try:
         probe = target_config(config, Plan(kv_groups=1), (heads, kv, head_dim), {})
         got = in_width(probe_block(probe).get_submodule(unit.consumer))
-    except Exception:  # noqa: BLE001 - e.g. OPT: "embed_dim must be divisible by num_heads"; Falcon: head_dim is read-only
+    except Exception:  # noqa: BLE001 - OPT: "embed_dim must be divisible by num_heads"; Falcon: head_dim read-only
         return False
     return got == (kv - 1) * n_rep * head_dim
 
@@ -559,7 +559,8 @@ def plan_removal(block: nn.Module, units: list[Unit], experts: Experts | None, k
         widths.append(mlp)
     if experts is not None and experts.width:
         module = block.get_submodule(experts.path)
-        per_channel = sum(getattr(module, n).numel() for n in (experts.gate_up, experts.down)) // (experts.count * experts.width)
+        tensors = (getattr(module, experts.gate_up), getattr(module, experts.down))
+        per_channel = sum(t.numel() for t in tensors) // (experts.count * experts.width)
         widths.append((experts.width, (experts.count - plan.experts) * per_channel))
     fraction = max(budget, 0) / sum(w * c for w, c in widths) if widths else 0.0
     removed = [w - _round_width(w * (1 - fraction), w) for w, _ in widths]

@@ -119,7 +119,8 @@ def _phi3_and_llama_twin():
             for part, piece in zip("qkv", tensor.split([64, 32, 32])):
                 state[name.replace("qkv_proj", f"{part}_proj")] = piece
         elif "gate_up_proj" in name:
-            state[name.replace("gate_up_proj", "gate_proj")], state[name.replace("gate_up_proj", "up_proj")] = tensor.chunk(2)
+            gate, up = tensor.chunk(2)
+            state[name.replace("gate_up_proj", "gate_proj")], state[name.replace("gate_up_proj", "up_proj")] = gate, up
         else:
             state[name] = tensor
     llama.load_state_dict(state)
@@ -181,7 +182,8 @@ def test_expert_statistics_equal_routing_by_hand():
     hidden, kwargs = capture_block_inputs(model, blocks, tokens(4, 16), 4, torch.device("cpu"))
     block = blocks[0]
     experts = find_experts(block, hidden, kwargs, 64)
-    assert (experts.path, experts.router, experts.count, experts.top_k, experts.width) == ("mlp.experts", "mlp.gate", 4, 2, 96)
+    found = (experts.path, experts.router, experts.count, experts.top_k, experts.width)
+    assert found == ("mlp.experts", "mlp.gate", 4, 2, 96)
     module = block.mlp.experts
     stats = ExpertStats(module, experts, True, "cpu")
     seen = []
@@ -233,7 +235,8 @@ def _skewed_mixtral(router_scale: list[float], same_experts: bool = True):
 
 def test_expert_removal_keeps_the_most_routed_experts_and_their_router_rows(tmp_path):
     model = _skewed_mixtral([0.0, 3.0, 0.5, 2.0])  # experts 1 and 3 take nearly every token
-    before = [(b.mlp.gate.weight.detach().clone(), b.mlp.experts.down_proj.detach().clone()) for b in model.model.layers]
+    before = [(b.mlp.gate.weight.detach().clone(), b.mlp.experts.down_proj.detach().clone())
+              for b in model.model.layers]
     report = prune_structured(model, tokens(8, 16), 0.0, experts_ratio=0.5)
     assert report.config == {"num_local_experts": 2} and report.experts == (4, 2)
     assert model.config.num_experts_per_tok == 2
