@@ -90,6 +90,9 @@ def add_prune(sub) -> None:
                    help="structured: fraction of each decoder block's parameters to remove (e.g. 0.35)")
     p.add_argument("--attn-ratio", type=float, default=None,
                    help="structured: fraction of the key/value head groups to remove (default: --ratio, rounded)")
+    p.add_argument("--experts-ratio", type=float, default=None,
+                   help="structured, mixture-of-experts: fraction of the routed experts to remove, least used first "
+                        "(default: keep every expert, shrink each one's width; --ratio 0 removes experts only)")
     p.add_argument("--importance", default="flap", help="structured: flap, wanda-sp or obs (default %(default)s)")
     p.add_argument("--compensation", default="ls",
                    help="structured: ls (least-squares update, standard config), bias or none (default %(default)s)")
@@ -377,7 +380,7 @@ def run_prune_structured(args) -> int:
                         ("--act-budget", args.act_budget is not None), ("--nproc", args.nproc != 1)):
         if given:
             raise ConfigError(f"{flag} does not apply to --method structured")
-    check_options(args.ratio, args.attn_ratio, args.importance, args.compensation)
+    check_options(args.ratio, args.attn_ratio, args.importance, args.compensation, args.experts_ratio)
     _check_counts(args)
     io.check_out_dir(args.out, args.overwrite)
     source = io.resolve_model(args.model)
@@ -388,7 +391,8 @@ def run_prune_structured(args) -> int:
     seqlen = _seqlen(args.seqlen, limit)
     tokens = data.calibration_batches(args.calib, tokenizer, args.nsamples, seqlen, args.seed,
                                       model=model, text_field=args.text_field)
-    report = prune_structured(model, tokens, args.ratio, attn_ratio=args.attn_ratio, importance=args.importance,
+    report = prune_structured(model, tokens, args.ratio, attn_ratio=args.attn_ratio,
+                              experts_ratio=args.experts_ratio, importance=args.importance,
                               compensation=args.compensation, damp=args.damp, batch_size=args.batch_size,
                               device=args.device, blocks=args.blocks)
     meta = {

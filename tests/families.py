@@ -1,54 +1,73 @@
-"""Tiny random models of twenty architecture families, built from their transformers configs
-(no downloads): what the compatibility matrix runs on."""
+"""Tiny random models of every family structured pruning is tested on, from their transformers
+configs (no downloads): hidden 64, 2 blocks, 4 query heads where the family allows GQA 2 KV heads."""
 
 from __future__ import annotations
 
 import torch
-import transformers as tf
+import transformers
+from transformers import AutoModelForCausalLM
 
 VOCAB = 128
-# Shapes every family shares: 2 blocks, width 32, 4 heads of 8, MLP 64 (all multiples of 8, so
-# N:M applies everywhere), 4 experts of width 32 with 2 chosen per token.
-COMMON = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-              max_position_embeddings=64)
-LLAMA_LIKE = dict(COMMON, intermediate_size=64, num_key_value_heads=2)
-MOE = dict(num_experts_per_tok=2, moe_intermediate_size=32)
+IDS = dict(bos_token_id=0, eos_token_id=0, pad_token_id=0)  # inside the tiny vocabulary
+COMMON = dict(vocab_size=VOCAB, max_position_embeddings=128, **IDS)
+GQA = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+MOE = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
 
-FAMILIES = {
-    "Llama": lambda: tf.LlamaConfig(**LLAMA_LIKE),
-    "Mistral": lambda: tf.MistralConfig(**LLAMA_LIKE),
-    "Qwen2": lambda: tf.Qwen2Config(**LLAMA_LIKE),
-    "Qwen3": lambda: tf.Qwen3Config(**LLAMA_LIKE, head_dim=8),
-    "Gemma 2": lambda: tf.Gemma2Config(**LLAMA_LIKE, head_dim=8),
-    "Gemma 3": lambda: tf.Gemma3TextConfig(**LLAMA_LIKE, head_dim=8),
-    "Phi-3": lambda: tf.Phi3Config(**LLAMA_LIKE, pad_token_id=0),
-    "OLMo 2": lambda: tf.Olmo2Config(**LLAMA_LIKE),
-    "StableLM": lambda: tf.StableLmConfig(**LLAMA_LIKE),
-    "GPT-NeoX": lambda: tf.GPTNeoXConfig(**COMMON, intermediate_size=64),
-    "Falcon": lambda: tf.FalconConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                      new_decoder_architecture=True, num_kv_heads=2),
-    "BLOOM": lambda: tf.BloomConfig(vocab_size=VOCAB, hidden_size=32, n_layer=2, n_head=4),
-    "OPT": lambda: tf.OPTConfig(**COMMON, ffn_dim=64, word_embed_proj_dim=32),
-    "GPT-2": lambda: tf.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64,
-                                   bos_token_id=0, eos_token_id=0),
-    "GPT-J": lambda: tf.GPTJConfig(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, rotary_dim=8,
-                                   bos_token_id=0, eos_token_id=0),
-    "Mixtral": lambda: tf.MixtralConfig(**LLAMA_LIKE, num_local_experts=4, num_experts_per_tok=2),
-    "Qwen2-MoE": lambda: tf.Qwen2MoeConfig(**LLAMA_LIKE, **MOE, num_experts=4, shared_expert_intermediate_size=64),
-    "Qwen3-MoE": lambda: tf.Qwen3MoeConfig(**LLAMA_LIKE, **MOE, num_experts=4, head_dim=8),
-    "Granite": lambda: tf.GraniteConfig(**LLAMA_LIKE),
-    "Cohere": lambda: tf.CohereConfig(**LLAMA_LIKE),
+CONFIGS = {
+    "llama": ("LlamaConfig", {**COMMON, **GQA}),
+    "mistral": ("MistralConfig", {**COMMON, **GQA}),
+    "qwen2": ("Qwen2Config", {**COMMON, **GQA}),
+    "qwen3": ("Qwen3Config", {**COMMON, **GQA, "head_dim": 16}),
+    "gemma2": ("Gemma2Config", {**COMMON, **GQA, "head_dim": 16, "sliding_window": 16}),
+    "gemma3": ("Gemma3TextConfig", {**COMMON, **GQA, "head_dim": 16, "sliding_window": 16}),
+    "phi3": ("Phi3Config", {**COMMON, **GQA}),
+    "olmo2": ("Olmo2Config", {**COMMON, **GQA}),
+    "stablelm": ("StableLmConfig", {**COMMON, **GQA}),
+    "gpt_neox": ("GPTNeoXConfig", {**COMMON, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                                   "num_attention_heads": 4}),
+    # Falcon, GPT-2, GPT-J: the MLP width left unset, as in their released configs (4 x hidden).
+    "falcon": ("FalconConfig", {**IDS, "vocab_size": VOCAB, "hidden_size": 64, "num_hidden_layers": 2,
+                                "num_attention_heads": 4, "new_decoder_architecture": True, "num_kv_heads": 2}),
+    "bloom": ("BloomConfig", {**IDS, "vocab_size": VOCAB, "hidden_size": 64, "n_layer": 2, "n_head": 4}),
+    "opt": ("OPTConfig", {**COMMON, "hidden_size": 64, "ffn_dim": 128, "num_hidden_layers": 2,
+                          "num_attention_heads": 4, "word_embed_proj_dim": 64}),
+    "gpt2": ("GPT2Config", {**IDS, "vocab_size": VOCAB, "n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 128}),
+    "gptj": ("GPTJConfig", {**IDS, "vocab_size": VOCAB, "n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 128,
+                            "rotary_dim": 8}),
+    "mixtral": ("MixtralConfig", {**COMMON, **MOE, "intermediate_size": 96, "num_local_experts": 4,
+                                  "num_experts_per_tok": 2}),
+    "qwen2_moe": ("Qwen2MoeConfig", {**COMMON, **MOE, "intermediate_size": 128, "moe_intermediate_size": 32,
+                                     "shared_expert_intermediate_size": 96, "num_experts": 4,
+                                     "num_experts_per_tok": 2}),
+    "qwen3_moe": ("Qwen3MoeConfig", {**COMMON, **MOE, "head_dim": 16, "intermediate_size": 128,
+                                     "moe_intermediate_size": 32, "num_experts": 4, "num_experts_per_tok": 2}),
+    "granite": ("GraniteConfig", {**COMMON, **GQA}),
+    "cohere": ("CohereConfig", {**COMMON, **GQA}),
 }
+FAMILIES = list(CONFIGS)
+MOE_FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe"]
 
 
-def family_model(family: str, seed: int = 0) -> torch.nn.Module:
-    """A random model of ``family``, every parameter perturbed (no ties decide a mask)."""
+def family_config(family: str, **overrides):
+    name, kwargs = CONFIGS[family]
+    return getattr(transformers, name)(**{**kwargs, **overrides})
+
+
+def family_model(family: str, seed: int = 0, **overrides):
+    """A random model of ``family``, every parameter perturbed so that no two heads, channels or
+    experts tie (randomly initialised norms are all ones)."""
     torch.manual_seed(seed)
-    model = tf.AutoModelForCausalLM.from_config(FAMILIES[family]()).eval()
+    model = AutoModelForCausalLM.from_config(family_config(family, **overrides), dtype=torch.float32).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.02)
     return model
+
+
+NAMES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3", "gemma2": "Gemma 2",
+         "gemma3": "Gemma 3", "phi3": "Phi-3", "olmo2": "OLMo 2", "stablelm": "StableLM", "gpt_neox": "GPT-NeoX",
+         "falcon": "Falcon", "bloom": "BLOOM", "opt": "OPT", "gpt2": "GPT-2", "gptj": "GPT-J", "mixtral": "Mixtral",
+         "qwen2_moe": "Qwen2-MoE", "qwen3_moe": "Qwen3-MoE", "granite": "Granite", "cohere": "Cohere"}
 
 
 def family_tokens(n: int = 4, length: int = 16, seed: int = 0) -> torch.Tensor:

@@ -20,7 +20,7 @@ import torch
 
 import ptp
 from ptp.config import ConfigError, parse_sparsity
-from tests.families import FAMILIES, family_model, family_tokens
+from tests.families import FAMILIES, NAMES, family_model, family_tokens
 
 REPO = Path(__file__).resolve().parents[1]
 COLUMNS = ("unstructured 50%", "2:4", "ADMM 4:8", "structured 0.25", "save + reload + verify")
@@ -73,7 +73,7 @@ def matrix() -> dict[str, dict[str, str]]:
 def markdown(cells: dict[str, dict[str, str]]) -> str:
     lines = ["| family | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
     for family, row in cells.items():
-        lines.append(f"| {family} | " + " | ".join("✓" if v == "ok" else v.replace("|", "/") for v in row.values()) + " |")
+        lines.append(f"| {NAMES[family]} | " + " | ".join("✓" if v == "ok" else v.replace("|", "/") for v in row.values()) + " |")
     return "\n".join(lines)
 
 

@@ -27,7 +27,7 @@ from ptp.solvers.structured import (
     output_error,
     with_bias_input,
 )
-from ptp.structured import find_units, prune_structured
+from ptp.structured import find_units, head_layout, prune_structured
 
 from .lm_dirs import one_thread, save_model_dir, write_text
 from .tiny import tiny_model, tokens
@@ -298,7 +298,8 @@ def test_find_units_finds_attention_and_mlp():
         model = tiny_model(family)
         _, blocks = find_blocks(model)
         hidden, kwargs = capture_block_inputs(model, blocks, tokens(2, 8), 2, torch.device("cpu"))
-        assert [(u.kind, u.consumer) for u in find_units(blocks[0], hidden, kwargs)] == expected
+        units = find_units(blocks[0], hidden, kwargs, head_layout(model.config))
+        assert [(u.kind, u.consumer) for u in units] == expected
 
 
 # --------------------------------------------------------------------------- the command line

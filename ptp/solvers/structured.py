@@ -171,3 +171,15 @@ def output_error(weight: torch.Tensor, second: torch.Tensor, new_weight: torch.T
     delta = weight.float() - new_weight.float()
     den = float(((weight.float() @ second) * weight.float()).sum())
     return float(((delta @ second) * delta).sum()) / den if den > 0 else 0.0
+
+
+def expert_energy_order(energy: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Experts from least to most important [E]: by the energy of their weighted output on the
+    calibration tokens, E_e = sum_t ||w_te f_e(x_t)||^2 over the tokens t routed to e (the squared
+    error the block output takes, before the router renormalises, if e is removed). It grows with
+    routing frequency and with output size; ties (experts never routed) break by token count.
+
+    energy: [E] float; tokens: [E] routed-token counts.
+    """
+    by_tokens = torch.argsort(tokens.double(), stable=True)
+    return by_tokens[torch.argsort(energy.double()[by_tokens], stable=True)]
