@@ -466,10 +466,10 @@ def prunable_layers(model: nn.Module, config: PruneConfig) -> tuple[nn.ModuleLis
     before spending minutes on calibration data.
     """
     blocks_name, blocks = find_blocks(model, config.blocks)
-    all_layers = [linear_layers(block, f"{blocks_name}.{i}", config.skip) for i, block in enumerate(blocks)]
+    found = [block_units(block, f"{blocks_name}.{i}", config.skip) for i, block in enumerate(blocks)]
+    all_layers = [units for units, _ in found]
     every = [name for layers in all_layers for name in layers]
-    every += [d["name"] for i, block in enumerate(blocks)
-              for d in block_units(block, f"{blocks_name}.{i}", config.skip)[1] if d["reason"] == "skipped"]
+    every += [d["name"] for _, dense in found for d in dense if d["reason"] == "skipped"]
     checks.check_patterns(config.skip, every, "skip pattern")
     if isinstance(config.profile, dict):
         checks.check_patterns(config.profile, [n for layers in all_layers for n in layers], "profile pattern")
