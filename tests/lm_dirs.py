@@ -65,6 +65,22 @@ def save_model_dir(path: Path, family: str = "llama", **kwargs) -> Path:
     return path
 
 
+
+def pruned_dirs(root: Path, method: str, nsamples: int) -> Path:
+    """In ``root``: a tiny model directory (``tiny``), a calibration text (``text.txt``), and the
+    model pruned to 50% by ``method`` and saved by ptp as ``dense`` and ``compressed``."""
+    import ptp
+
+    tokenizer = tiny_tokenizer()
+    save_model_dir(root / "tiny")
+    write_text(root / "text.txt")
+    model = tiny_model(tokenizer)
+    tokens = torch.randint(0, len(tokenizer), (nsamples, 32), generator=torch.Generator().manual_seed(0))
+    report = ptp.prune(model, tokens, ptp.PruneConfig(method=method, sparsity="0.5"))
+    ptp.save(model, tokenizer, root / "dense", report=report, sparsity="0.5")
+    ptp.save(model, tokenizer, root / "compressed", report=report, sparsity="0.5", format="compressed")
+    return root
+
 def write_text(path: Path, repeats: int = 20) -> Path:
     path.write_text(TEXT * repeats, encoding="utf-8")
     return path

@@ -18,7 +18,7 @@ import torch
 import ptp
 from ptp import cli, data, integrity, io
 from ptp.config import ConfigError
-from tests.lm_dirs import one_thread, save_model_dir, tiny_model, tiny_tokenizer, write_text  # noqa: F401
+from tests.lm_dirs import pruned_dirs, one_thread, save_model_dir, tiny_model, tiny_tokenizer, write_text  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CASES = int(os.environ.get("PTP_FUZZ_CASES", "24"))  # per file kind; raise it for a longer hunt
@@ -26,16 +26,7 @@ CASES = int(os.environ.get("PTP_FUZZ_CASES", "24"))  # per file kind; raise it f
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("fuzz")
-    tokenizer = tiny_tokenizer()
-    save_model_dir(root / "tiny")
-    write_text(root / "text.txt")
-    model = tiny_model(tokenizer)
-    tokens = torch.randint(0, len(tokenizer), (2, 32), generator=torch.Generator().manual_seed(0))
-    report = ptp.prune(model, tokens, ptp.PruneConfig(method="magnitude", sparsity="0.5"))
-    ptp.save(model, tokenizer, root / "dense", report=report, sparsity="0.5")
-    ptp.save(model, tokenizer, root / "compressed", report=report, sparsity="0.5", format="compressed")
-    return root
+    return pruned_dirs(tmp_path_factory.mktemp("fuzz"), "magnitude", 2)
 
 
 # --------------------------------------------------------------------------- generators

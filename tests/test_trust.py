@@ -18,7 +18,7 @@ import ptp
 from ptp import integrity, io
 from ptp.cli import main
 from ptp.config import ConfigError
-from tests.lm_dirs import one_thread, save_model_dir, tiny_model, tiny_tokenizer, write_text  # noqa: F401
+from tests.lm_dirs import pruned_dirs, one_thread, save_model_dir, tiny_model, tiny_tokenizer, write_text  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -27,16 +27,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def root(tmp_path_factory):
     """A tiny model directory, a calibration text, and the model pruned (Wanda 50%) and saved by
     ptp both dense and compressed."""
-    root = tmp_path_factory.mktemp("trust")
-    tokenizer = tiny_tokenizer()
-    save_model_dir(root / "tiny")
-    write_text(root / "text.txt")
-    model = tiny_model(tokenizer)
-    tokens = torch.randint(0, len(tokenizer), (4, 32), generator=torch.Generator().manual_seed(0))
-    report = ptp.prune(model, tokens, ptp.PruneConfig(method="wanda", sparsity="0.5"))
-    ptp.save(model, tokenizer, root / "dense", report=report, sparsity="0.5")
-    ptp.save(model, tokenizer, root / "compressed", report=report, sparsity="0.5", format="compressed")
-    return root
+    return pruned_dirs(tmp_path_factory.mktemp("trust"), "wanda", 4)
 
 
 def copy(root: Path, name: str, tmp_path: Path) -> Path:
