@@ -170,6 +170,28 @@ def test_every_kernel_matches_x_at_w_t(monkeypatch, isa, dtype):
 
 @needs_kernels
 @pytest.mark.parametrize("isa", ISAS)
+def test_bf16_activations_with_bf16_values(monkeypatch, isa):
+    """bf16 in, bf16 out (vdpbf16ps on AVX512_BF16 CPUs, widened to fp32 elsewhere; prefill:
+    torch's bf16 GEMM on the unpacked block): within bf16 rounding of the fp64 product."""
+    isa_env(monkeypatch, isa)
+    g = torch.Generator().manual_seed(2)
+    for pattern in PATTERNS:
+        for shape in SHAPES:
+            w = pruned_weight(shape, pattern, torch.bfloat16)
+            p = F.pack(w)
+            bias = torch.randn(shape[0], generator=g)
+            for tokens in (1, 3, 16, 17, 40):
+                x = torch.randn(tokens, w.shape[1], generator=g).bfloat16()
+                for b in (None, bias):
+                    y = K.matmul(p, x, b)
+                    want = reference(x, w, b)
+                    bound = 2 ** -7 * want.abs() + 1e-2 * (x.abs().double() @ w.abs().double().T + 1) / w.shape[1] ** 0.5
+                    assert y.dtype == torch.bfloat16 and y.shape == (tokens, shape[0])
+                    assert ((y.double() - want).abs() <= bound).all(), (pattern, shape, tokens)
+
+
+@needs_kernels
+@pytest.mark.parametrize("isa", ISAS)
 def test_simd_variants_agree_with_the_scalar_reference(monkeypatch, isa):
     isa_env(monkeypatch, isa)
     for dtype in F.DTYPES:
@@ -177,9 +199,14 @@ def test_simd_variants_agree_with_the_scalar_reference(monkeypatch, isa):
         p = F.pack(w)
         x = torch.randn(5, 130)
         assert torch.allclose(K.matmul(p, x), K.matmul(p, x, isa="scalar"), rtol=1e-5, atol=1e-5)
-        # The prefill path unpacks tiles into a transposed fp32 block: exact copies of the values.
-        assert torch.equal(K.unpack_block(p, 1, 5)[:, :54], w[16:70].float().T)
-        assert not K.unpack_block(p, 4, 5)[:, 6:].any()
+        # The prefill path unpacks tiles into dense fp32 rows: exact copies of the values.
+        assert torch.equal(K.unpack_block(p, 1, 5)[:54], w[16:70].float())
+        assert not K.unpack_block(p, 4, 5)[6:].any()
+        if dtype == torch.bfloat16 and isa != "avx2":  # the bf16 rows for torch's bf16 GEMM
+            assert torch.equal(K.unpack_block(p, 1, 5, dtype=torch.bfloat16)[:54], w[16:70])
+        elif dtype == torch.bfloat16:
+            with pytest.raises(RuntimeError, match="bf16 block"):
+                K.unpack_block(p, 1, 5, dtype=torch.bfloat16)
 
 
 @needs_kernels
@@ -187,10 +214,10 @@ def test_simd_variants_agree_with_the_scalar_reference(monkeypatch, isa):
 def test_dense_bf16_kernel_is_the_same_loop_without_the_mask(monkeypatch, isa):
     isa_env(monkeypatch, isa)
     w = torch.randn(50, 77).bfloat16()
-    for tokens in (1, 2, 5):
-        x = torch.randn(tokens, 77)
-        y = K.dense_bf16_matmul(F.pack_dense(w), tuple(w.shape), x)
-        assert ((y.double() - reference(x, w)).abs() <= 1e-5 * (x.abs().double() @ w.abs().double().T)).all()
+    for tokens in (1, 2, 5, 16):
+        for x in (torch.randn(tokens, 77), torch.randn(tokens, 77).bfloat16()):  # bf16 x: the vdpbf16ps loop
+            y = K.dense_bf16_matmul(F.pack_dense(w), tuple(w.shape), x)
+            assert ((y.double() - reference(x, w)).abs() <= 1e-5 * (x.abs().double() @ w.abs().double().T)).all()
 
 
 def test_unknown_or_unsupported_isa_is_refused(monkeypatch):

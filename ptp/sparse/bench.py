@@ -4,7 +4,8 @@ every dense path a user has, and a plain memory copy — so the distance to the 
 For each shape [out, in], pattern, value dtype and token count T, interleaved (each variant once
 per round, ``repeats`` rounds after ``warmup``), medians:
 
-- ``sparse``: ``SparseLinear``'s path (small-batch kernel for T <= 16, unpack + GEMM above);
+- ``sparse``: ``SparseLinear``'s path (small-batch kernel for T <= 16, unpack + GEMM above),
+  with bf16 activations for bf16 values (a bf16 model's), fp32 for fp32 values;
 - ``torch fp32``: ``F.linear`` on fp32 weights (for bf16 values: the upcast weights);
 - ``torch bf16``: ``F.linear`` with bf16 weights and activations (bf16 values only);
 - ``ptp dense bf16``: the sparse kernel's loop with every mask bit set, over the dense bf16
@@ -26,7 +27,7 @@ import torch
 
 from ..config import parse_sparsity
 from . import kernels
-from .format import pack, pack_dense
+from .format import PackedWeight, pack, pack_dense
 
 SHAPES = ((4096, 4096), (8192, 2048), (2048, 8192))
 PATTERNS = ("0.5", "2:4", "0.7")
@@ -66,25 +67,42 @@ def random_pruned(out: int, inp: int, pattern: str, seed: int = 0) -> torch.Tens
     return torch.where(w.abs() <= threshold, torch.zeros(()), w)
 
 
+# Each timed call runs a variant over COPIES distinct copies of its weight back to back, as
+# decode runs one layer after another: the copies together exceed the last-level cache (so
+# the weights come from DRAM, as a model's do) and the kernel's threads stay awake between
+# calls, as they do between the layers of a forward. Times are per copy.
+COPIES_BYTES = 128 << 20
+
+
 def _variants(w32: torch.Tensor, dtype: torch.dtype, tokens: int):
-    """{name: (callable, weight bytes)} for one cell."""
+    """{name: (callable over the copies, weight bytes of one copy)} for one cell."""
     values = w32.to(dtype)
     packed = pack(values)
+    copies = max(2, -(-COPIES_BYTES // packed.nbytes))
     x = torch.randn(tokens, w32.shape[1])
     src = torch.empty(w32.numel())
     dst = torch.empty_like(src)
+    # bf16 weights: a bf16 model, so bf16 activations, as torch's bf16 linear gets them
+    xs = x.bfloat16() if dtype == torch.bfloat16 else x
+
+    def each(weight, fn):
+        clone = (lambda p: PackedWeight(p.shape, *(t.clone() for t in p.tensors().values()))) \
+            if isinstance(weight, PackedWeight) else torch.clone
+        weights = [weight] + [clone(weight) for _ in range(copies - 1)]
+        return lambda: [fn(w) for w in weights]
+
     out = {
-        "sparse": (lambda: kernels.matmul(packed, x), packed.nbytes),
-        "torch fp32": (lambda: torch.nn.functional.linear(x, w32), w32.numel() * 4),
-        "copy": (lambda: dst.copy_(src), 2 * src.numel() * 4),
+        "sparse": (each(packed, lambda p: kernels.matmul(p, xs)), packed.nbytes),
+        "torch fp32": (each(w32, lambda w: torch.nn.functional.linear(x, w)), w32.numel() * 4),
+        "copy": (each(src, lambda s: dst.copy_(s)), 2 * src.numel() * 4),
     }
     if dtype == torch.bfloat16:
         xb = x.bfloat16()
-        out["torch bf16"] = (lambda: torch.nn.functional.linear(xb, values), values.numel() * 2)
+        out["torch bf16"] = (each(values, lambda w: torch.nn.functional.linear(xb, w)), values.numel() * 2)
         if tokens <= kernels.SMALL_BATCH:
-            dense = pack_dense(values)
-            out["ptp dense bf16"] = (lambda: kernels.dense_bf16_matmul(dense, tuple(values.shape), x), dense.numel() * 2)
-    return out
+            out["ptp dense bf16"] = (each(pack_dense(values), lambda d: kernels.dense_bf16_matmul(d, tuple(values.shape), xs)),
+                                     values.numel() * 2)
+    return out, copies
 
 
 @torch.inference_mode()
@@ -102,7 +120,7 @@ def kernel_bench(shapes=None, patterns=None, dtypes=None, tokens=None,
                 # bf16 values: compare with the fp32 linear on the *same* (rounded) weights
                 w = w32.to(dtype).to(torch.float32)
                 for t in tokens:
-                    variants = _variants(w, dtype, t)
+                    variants, copies = _variants(w, dtype, t)
                     times = {name: [] for name in variants}
                     for _ in range(warmup):
                         for fn, _ in variants.values():
@@ -112,7 +130,7 @@ def kernel_bench(shapes=None, patterns=None, dtypes=None, tokens=None,
                             start = time.perf_counter()
                             fn()
                             times[name].append(time.perf_counter() - start)
-                    med = {n: statistics.median(s) for n, s in times.items()}
+                    med = {n: statistics.median(s) / copies for n, s in times.items()}
                     dense = [n for n in med if n not in ("sparse", "copy")]
                     rows.append(KernelRow(out, inp, pattern, dtype_name, t, {n: s * 1e3 for n, s in med.items()},
                                           {n: variants[n][1] / med[n] / 1e9 for n in med},

@@ -6,12 +6,17 @@ in torch and use a dense matmul — the fallback, always correct, slow). The cho
 If the library cannot be built (no compiler, a compile error) the fallback is used, with one
 warning that says why.
 
-Two paths, both giving fp32 ``y [T, out] = x [T, in] @ W.T (+ bias)``:
+Two paths, both giving ``y [T, out] = x [T, in] @ W.T (+ bias)``:
 - small batch (T <= ``SMALL_BATCH``): the sparse kernel streams the packed weight once and
   reuses every expanded weight vector for all T tokens — decode is bound by memory bandwidth,
-  and the packed weight is 0.57× (bf16) / 0.54× (fp32) the bytes of the dense one at 50%;
-- prefill (larger T, compute-bound): blocks of BLOCK_ROWS rows are unpacked into an fp32
-  scratch buffer (transposed, [in, rows]) and multiplied by torch's dense GEMM.
+  and the packed weight is 0.57× (bf16) / 0.54× (fp32) the bytes of the dense one at 50%.
+  bf16 activations with bf16 values use ``vdpbf16ps`` where the CPU has AVX512_BF16 (one
+  instruction per word and token); otherwise activations are fp32 (bf16 ones widened exactly);
+- prefill (larger T, compute-bound): up to SCRATCH_ELEMS weights at a time are unpacked into
+  dense rows in a reused scratch buffer and multiplied by torch's linear — the call a dense
+  model of that dtype makes, on the same weights: bf16 (x bf16, values bf16) or fp32.
+
+The output is bf16 when x is bf16 and the values are bf16 (as ``nn.Linear`` in bf16), else fp32.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import ctypes
 import functools
 import logging
 import os
+import threading
 
 import torch
 
@@ -30,9 +36,12 @@ from .format import PackedWeight, layout
 log = logging.getLogger("ptp.sparse")
 
 ISAS = {"scalar": 0, "avx2": 1, "avx512": 2}
+AVX512_BF16 = 3  # not a kernel variant: the CPU feature that enables avx512's vdpbf16ps path
 VTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 SMALL_BATCH = 16
-BLOCK_ROWS = 256  # prefill: rows unpacked per GEMM (a multiple of 16)
+# Prefill: weights unpacked per GEMM. One GEMM per layer up to 16M weights (64 MB of fp32
+# scratch): measured faster than 256-row blocks, which re-read x once per block.
+SCRATCH_ELEMS = 1 << 24
 
 
 @functools.cache
@@ -46,8 +55,8 @@ def library() -> ctypes.CDLL | None:
         return None
     i64, i32, ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
     lib.ptp_sparse_supported.argtypes = [i32]
-    lib.ptp_sparse_matmul.argtypes = [i32, i32, i32, ptr, ptr, ptr, i64, i64, i64, ptr, i64, ptr, ptr, i32]
-    lib.ptp_sparse_unpack.argtypes = [i32, i32, i32, ptr, ptr, ptr, i64, i64, i64, i64, i64, ptr, i64, i32]
+    lib.ptp_sparse_matmul.argtypes = [i32, i32, i32, ptr, ptr, ptr, i64, i64, i64, ptr, i32, i64, ptr, ptr, i32]
+    lib.ptp_sparse_unpack.argtypes = [i32, i32, i32, ptr, ptr, ptr, i64, i64, i64, i64, i64, ptr, i32, i64, i32]
     lib.ptp_sparse_set_spin_us.argtypes = [i32]
     return lib
 
@@ -74,79 +83,108 @@ def _selected(want: str) -> str:
                           f"(supported: {', '.join(n for n in ISAS if supported(n)) or 'none; torch only'})")
     else:
         isa = want
-    log.info("sparse runtime: %s kernels%s", isa, "" if want == "auto" else " (PTP_SPARSE_ISA)")
+    bf16 = isa == "avx512" and bool(library().ptp_sparse_supported(AVX512_BF16))
+    log.info("sparse runtime: %s kernels%s%s", isa, " with AVX512_BF16 for bf16 activations" if bf16 else "",
+             "" if want == "auto" else " (PTP_SPARSE_ISA)")
     return isa
 
 
 def matmul(packed: PackedWeight, x: torch.Tensor, bias: torch.Tensor | None = None,
            isa: str | None = None, threads: int | None = None) -> torch.Tensor:
-    """x [T, in] -> fp32 [T, out] = x @ W.T + bias, W the packed weight [out, in].
-    x and bias are converted to contiguous fp32."""
+    """x [T, in] -> y [T, out] = x @ W.T + bias, W the packed weight [out, in]; y is bf16 for
+    bf16 x and bf16 values, else fp32 (x and bias are converted to contiguous fp32 unless so)."""
     isa = isa or selected_isa()
     out, inp = packed.shape
-    x = x.to(torch.float32).contiguous()
-    bias = None if bias is None else bias.to(torch.float32).contiguous()
+    bf16 = x.dtype == torch.bfloat16 and packed.dtype == torch.bfloat16
+    x = x.contiguous() if bf16 else x.to(torch.float32).contiguous()
     if isa == "torch":
         from .format import unpack
 
-        return torch.nn.functional.linear(x, unpack(packed).to(torch.float32), bias)
+        weight = unpack(packed) if bf16 else unpack(packed).to(torch.float32)
+        return torch.nn.functional.linear(x, weight, None if bias is None else bias.to(weight.dtype))
     threads = threads or torch.get_num_threads()
     if x.shape[0] > SMALL_BATCH:
         return _prefill(packed, x, bias, isa, threads)
+    bias = None if bias is None else bias.to(torch.float32).contiguous()
     y = torch.empty(x.shape[0], out, dtype=torch.float32)
     _check(library().ptp_sparse_matmul(
         ISAS[isa], VTYPES[packed.dtype], 0, packed.masks.data_ptr(), packed.offsets.data_ptr(),
-        packed.values.data_ptr(), out, inp, packed.masks.shape[1], x.data_ptr(), x.shape[0], y.data_ptr(),
-        0 if bias is None else bias.data_ptr(), threads))
-    return y
+        packed.values.data_ptr(), out, inp, packed.masks.shape[1], x.data_ptr(), int(bf16), x.shape[0],
+        y.data_ptr(), 0 if bias is None else bias.data_ptr(), threads))
+    return y.to(torch.bfloat16) if bf16 else y
+
+
+_scratch = threading.local()
+
+
+def _scratch_buffer(elems: int, dtype: torch.dtype) -> torch.Tensor:
+    """A reused buffer of at least ``elems`` values (per thread and dtype): prefill allocates once."""
+    key = f"buf_{dtype}".replace(".", "_")
+    buf = getattr(_scratch, key, None)
+    if buf is None or buf.numel() < elems:
+        buf = torch.empty(elems, dtype=dtype)
+        setattr(_scratch, key, buf)
+    return buf
 
 
 def _prefill(packed, x, bias, isa, threads) -> torch.Tensor:
+    """Unpack up to SCRATCH_ELEMS weights at a time into dense rows and run torch's linear on
+    them — the call a dense model makes, on the same weights: bf16 for bf16 x (except on avx2,
+    which has no bf16 unpack and no fast bf16 GEMM), else fp32."""
     out, inp = packed.shape
     tiles = packed.masks.shape[0]
-    step = BLOCK_ROWS // 16
-    y = torch.empty(x.shape[0], out, dtype=torch.float32)
-    scratch = torch.empty(inp, BLOCK_ROWS, dtype=torch.float32)
+    dtype = x.dtype
+    bf16 = dtype == torch.bfloat16 and isa != "avx2"
+    x = x if bf16 else x.to(torch.float32)
+    step = max(1, SCRATCH_ELEMS // (16 * inp))  # tiles per GEMM
+    rows = 16 * min(step, tiles)
+    scratch = _scratch_buffer(rows * inp, x.dtype)[:rows * inp].view(rows, inp)
+    bias = None if bias is None else bias.to(x.dtype)
+    blocks = []
     for t0 in range(0, tiles, step):
         t1 = min(t0 + step, tiles)
-        rows = min(16 * t1, out) - 16 * t0
+        n = min(16 * t1, out) - 16 * t0
         _check(library().ptp_sparse_unpack(
             ISAS[isa], VTYPES[packed.dtype], 0, packed.masks.data_ptr(), packed.offsets.data_ptr(),
-            packed.values.data_ptr(), out, inp, packed.masks.shape[1], t0, t1, scratch.data_ptr(), BLOCK_ROWS,
+            packed.values.data_ptr(), out, inp, packed.masks.shape[1], t0, t1, scratch.data_ptr(), int(bf16), inp,
             threads))
-        block = y[:, 16 * t0:16 * t0 + rows]
-        if bias is None:
-            block.copy_(x @ scratch[:, :rows])
-        else:
-            block.copy_(torch.addmm(bias[16 * t0:16 * t0 + rows], x, scratch[:, :rows]))
-    return y
+        blocks.append(torch.nn.functional.linear(x, scratch[:n], None if bias is None else bias[16 * t0:16 * t0 + n]))
+    return (blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=1)).to(dtype)
 
 
-def unpack_block(packed: PackedWeight, t0: int, t1: int, isa: str | None = None) -> torch.Tensor:
-    """The transposed fp32 rows of tiles [t0, t1): [in, 16*(t1 - t0)] (for tests and prefill)."""
+def unpack_block(packed: PackedWeight, t0: int, t1: int, isa: str | None = None,
+                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The dense rows of tiles [t0, t1): [16*(t1 - t0), in] in fp32, or bf16 (bf16 values;
+    scalar and avx512 only) — for tests and prefill."""
     isa = isa or selected_isa()
     out, inp = packed.shape
-    dst = torch.empty(inp, 16 * (t1 - t0), dtype=torch.float32)
+    dst = torch.empty(16 * (t1 - t0), inp, dtype=dtype)
     _check(library().ptp_sparse_unpack(
         ISAS[isa], VTYPES[packed.dtype], 0, packed.masks.data_ptr(), packed.offsets.data_ptr(),
-        packed.values.data_ptr(), out, inp, packed.masks.shape[1], t0, t1, dst.data_ptr(), dst.shape[1], 1))
+        packed.values.data_ptr(), out, inp, packed.masks.shape[1], t0, t1, dst.data_ptr(),
+        int(dtype == torch.bfloat16), inp, 1))
     return dst
 
 
 def dense_bf16_matmul(values: torch.Tensor, shape: tuple[int, int], x: torch.Tensor,
                       isa: str | None = None, threads: int | None = None) -> torch.Tensor:
-    """ptp's dense bf16 kernel — the sparse kernel's loop with every mask bit set — for the
-    honest bf16 baseline of ``ptp bench --kernels``. values: ``format.pack_dense(W)``."""
+    """ptp's dense bf16 kernel — the sparse kernel's loop with every mask bit set (for bf16 x,
+    the vdpbf16ps loop where the CPU has it) — for the honest bf16 baseline of ``ptp bench
+    --kernels``. values: ``format.pack_dense(W)``. Returns fp32."""
     isa = isa or selected_isa()
     out, inp = shape
     words = layout(out, inp)[1]
-    x = x.to(torch.float32).contiguous()
+    bf16 = x.dtype == torch.bfloat16
+    x = x.contiguous() if bf16 else x.to(torch.float32).contiguous()
     y = torch.empty(x.shape[0], out, dtype=torch.float32)
     _check(library().ptp_sparse_matmul(ISAS[isa], VTYPES[torch.bfloat16], 1, None, None, values.data_ptr(), out, inp,
-                                       words, x.data_ptr(), x.shape[0], y.data_ptr(), None, threads or torch.get_num_threads()))
+                                       words, x.data_ptr(), int(bf16), x.shape[0], y.data_ptr(), None,
+                                       threads or torch.get_num_threads()))
     return y
 
 
 def _check(rc: int) -> None:
+    if rc == -2:
+        raise RuntimeError("sparse kernel refused the call: a bf16 block needs bf16 values and the scalar or avx512 kernels")
     if rc != 0:
         raise RuntimeError(f"sparse kernel refused the call (code {rc}): ISA not supported by this CPU")

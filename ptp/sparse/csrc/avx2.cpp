@@ -168,25 +168,30 @@ void run(const Job& j, int64_t t0, int64_t t1) {
   tiles_batched<V, DENSE>(j, t0, t1);
 }
 
+// Row-major rows: each mask byte gives 4 rows x 2 columns, stored as one pair per row.
 template <int V>
 void unpack(const Job& j, int64_t t0, int64_t t1, int64_t tbase, float* dst, int64_t ld) {
   const int64_t groups = j.words / GROUP;
-  // (r0c0 r0c1 r1c0 r1c1 ...) -> (r0c0 r1c0 r2c0 r3c0 | r0c1 r1c1 r2c1 r3c1)
-  const __m256i split = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
   for (int64_t t = t0; t < t1; ++t) {
-    float* base = dst + (t - tbase) * ROWS;
+    float* base = dst + (t - tbase) * ROWS * ld;
     for (int64_t g = 0; g < groups; ++g) {
       int64_t s = j.dense ? (t * j.words + g * GROUP) * 32 : j.offsets[t * groups + g];
       for (int w = 0; w < GROUP; ++w) {
         const int64_t p = g * GROUP + w;
         if (2 * p >= j.in) break;
         const uint32_t m = j.dense ? 0xFFFFFFFFu : uint32_t(j.masks[t * j.words + p]);
+        const bool pair = 2 * p + 1 < j.in;
         int64_t st[4];
         byte_starts(m, s, st);
         for (int b = 0; b < 4; ++b) {
-          __m256 v = _mm256_permutevar8x32_ps(expand8<V>(j.values, j.dense ? s + 8 * b : st[b], (m >> (8 * b)) & 0xFF), split);
-          _mm_storeu_ps(base + 2 * p * ld + 4 * b, _mm256_castps256_ps128(v));
-          if (2 * p + 1 < j.in) _mm_storeu_ps(base + (2 * p + 1) * ld + 4 * b, _mm256_extractf128_ps(v, 1));
+          __m256 v = expand8<V>(j.values, j.dense ? s + 8 * b : st[b], (m >> (8 * b)) & 0xFF);
+          __m128 halves[2] = {_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1)};
+          for (int r = 0; r < 4; ++r) {
+            float* at = base + (4 * b + r) * ld + 2 * p;
+            __m128 h = halves[r / 2];
+            if (r % 2) h = _mm_movehl_ps(h, h);
+            if (pair) _mm_storel_pi((__m64*)at, h); else _mm_store_ss(at, h);
+          }
         }
         s += j.dense ? 32 : __builtin_popcount(m);
       }

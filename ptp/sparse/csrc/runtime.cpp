@@ -16,7 +16,7 @@
 namespace ptp {
 namespace {
 
-enum Isa { SCALAR = 0, AVX2 = 1, AVX512 = 2 };
+enum Isa { SCALAR = 0, AVX2 = 1, AVX512 = 2, AVX512_BF16 = 3 };  // the last: a feature of AVX512
 
 bool supported(int isa) {
   __builtin_cpu_init();
@@ -30,6 +30,7 @@ bool supported(int isa) {
     case AVX512:
       return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
              __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vbmi2");
+    case AVX512_BF16: return supported(AVX512) && __builtin_cpu_supports("avx512bf16");
 #endif
     default: return false;
   }
@@ -123,43 +124,63 @@ int ptp_sparse_supported(int isa) { return supported(isa) ? 1 : 0; }
 
 void ptp_sparse_set_spin_us(int us) { pool().set_spin_us(us); }
 
-// y[ntok, out] = x[ntok, in] @ W.T (+ bias). x, y, bias: contiguous fp32. dense != 0: values
-// hold every cell in full (32 per word; `format.pack_dense`), masks and offsets are ignored.
-// Returns 0, or -1 for an ISA this CPU (or this build) lacks.
+// y[ntok, out] = x[ntok, in] @ W.T (+ bias). x: contiguous fp32, or bf16 when xbf16 != 0; y,
+// bias: contiguous fp32. dense != 0: values hold every cell in full (32 per word;
+// `format.pack_dense`), masks and offsets are ignored. bf16 activations with bf16 values run the
+// vdpbf16ps kernel where the CPU has AVX512_BF16 (isa 2); elsewhere they are widened to fp32
+// (exact). Returns 0, or -1 for an ISA this CPU (or this build) lacks.
 int ptp_sparse_matmul(int isa, int vtype, int dense, const int32_t* masks, const int64_t* offsets,
-                      const void* values, int64_t out, int64_t in, int64_t words, const float* x,
+                      const void* values, int64_t out, int64_t in, int64_t words, const void* x, int xbf16,
                       int64_t ntok, float* y, const float* bias, int nthreads) {
   if (!supported(isa)) return -1;
   // The kernels read whole column pairs up to 2*words: give them a zero-padded copy of x.
   const int64_t ldx = 2 * words;
-  std::vector<float> xp(size_t(ntok * ldx), 0.0f);
-  for (int64_t k = 0; k < ntok; ++k) std::memcpy(&xp[k * ldx], x + k * in, in * sizeof(float));
-  Job j{masks, offsets, values, out, in, words, vtype, dense != 0, xp.data(), ntok, ldx, y, out, bias};
+  const bool pairs = xbf16 && vtype == BF16 && isa == AVX512 && supported(AVX512_BF16);
+  std::vector<float> xp(pairs ? 0 : size_t(ntok * ldx), 0.0f);
+  std::vector<uint32_t> xq(pairs ? size_t(ntok * words) : 0, 0u);
+  for (int64_t k = 0; k < ntok; ++k) {
+    if (pairs) {
+      std::memcpy(&xq[k * words], static_cast<const uint16_t*>(x) + k * in, in * sizeof(uint16_t));
+    } else if (xbf16) {
+      const uint16_t* row = static_cast<const uint16_t*>(x) + k * in;
+      for (int64_t i = 0; i < in; ++i) xp[k * ldx + i] = bf16_to_f32(row[i]);
+    } else {
+      std::memcpy(&xp[k * ldx], static_cast<const float*>(x) + k * in, in * sizeof(float));
+    }
+  }
+  Job j{masks, offsets, values, out, in, words, vtype, dense != 0, pairs ? nullptr : xp.data(), ntok, ldx,
+        pairs ? xq.data() : nullptr, y, out, bias};
   // Below ~128K multiply-adds, waking a second thread costs more than it saves.
   if (out * in * ntok < (int64_t(1) << 17)) nthreads = 1;
   const int64_t tiles = (out + ROWS - 1) / ROWS, step = piece(tiles, nthreads);
   pool().run(nthreads, (tiles + step - 1) / step, [&](int64_t c) {
     int64_t t0 = c * step, t1 = std::min(tiles, t0 + step);
-    if (isa == 2) return matmul_avx512(j, t0, t1);
-    if (isa == 1) return matmul_avx2(j, t0, t1);
+    if (isa == AVX512) return matmul_avx512(j, t0, t1);
+    if (isa == AVX2) return matmul_avx2(j, t0, t1);
     matmul_scalar(j, t0, t1);
   });
   return 0;
 }
 
-// The transposed dense fp32 block of row tiles [t0, t1): dst[col * ld + 16*(t - t0) + r] =
-// W[16t + r, col] for col < in (ld >= 16*(t1 - t0)); rows past `out` come out 0.
+// The dense rows of row tiles [t0, t1), row-major: dst[(16*(t - t0) + r) * ld + col] =
+// W[16t + r, col] for col < in (ld >= in); rows past `out` come out 0. dst: fp32, or with
+// bf16_out != 0 (bf16 values only; isa 0 or 2) the bf16 bits. Returns 0, -1 for an ISA this
+// CPU lacks, -2 for a bf16 block it cannot make.
 int ptp_sparse_unpack(int isa, int vtype, int dense, const int32_t* masks, const int64_t* offsets,
                       const void* values, int64_t out, int64_t in, int64_t words, int64_t t0,
-                      int64_t t1, float* dst, int64_t ld, int nthreads) {
+                      int64_t t1, void* dst, int bf16_out, int64_t ld, int nthreads) {
   if (!supported(isa)) return -1;
-  Job j{masks, offsets, values, out, in, words, vtype, dense != 0, nullptr, 0, 0, nullptr, 0, nullptr};
+  if (bf16_out && (vtype != BF16 || isa == AVX2)) return -2;
+  Job j{masks, offsets, values, out, in, words, vtype, dense != 0, nullptr, 0, 0, nullptr, nullptr, 0, nullptr};
   const int64_t tiles = t1 - t0, step = piece(tiles, nthreads);
+  float* d32 = static_cast<float*>(dst);
+  uint16_t* d16 = static_cast<uint16_t*>(dst);
   pool().run(nthreads, (tiles + step - 1) / step, [&](int64_t c) {
-    int64_t a = c * step, b = std::min(tiles, a + step);
-    if (isa == 2) return unpack_avx512(j, t0 + a, t0 + b, t0, dst, ld);
-    if (isa == 1) return unpack_avx2(j, t0 + a, t0 + b, t0, dst, ld);
-    unpack_scalar(j, t0 + a, t0 + b, t0, dst, ld);
+    int64_t a = t0 + c * step, b = std::min(t1, a + step);
+    if (bf16_out) return isa == AVX512 ? unpack_bf16_avx512(j, a, b, t0, d16, ld) : unpack_bf16_scalar(j, a, b, t0, d16, ld);
+    if (isa == AVX512) return unpack_avx512(j, a, b, t0, d32, ld);
+    if (isa == AVX2) return unpack_avx2(j, a, b, t0, d32, ld);
+    unpack_scalar(j, a, b, t0, d32, ld);
   });
   return 0;
 }

@@ -6,6 +6,28 @@
 #include "sparse.h"
 
 namespace ptp {
+namespace {
+
+// Both unpacks: dst(row, col) = value for every stored (row, col) of the tile, zeros elsewhere.
+template <typename T, typename Load>
+void unpack_tiles(const Job& j, int64_t t0, int64_t t1, int64_t tbase, T* dst, int64_t ld, Load load) {
+  const int64_t groups = j.words / GROUP;
+  for (int64_t t = t0; t < t1; ++t) {
+    int64_t s = j.dense ? t * j.words * 32 : j.offsets[t * groups];
+    T* base = dst + (t - tbase) * ROWS * ld;
+    for (int r = 0; r < ROWS; ++r) std::memset(base + r * ld, 0, j.in * sizeof(T));
+    for (int64_t p = 0; p < j.words; ++p) {
+      uint32_t m = j.dense ? 0xFFFFFFFFu : uint32_t(j.masks[t * j.words + p]);
+      for (int b = 0; b < 32; ++b) {
+        if (!(m >> b & 1)) continue;
+        int64_t col = 2 * p + (b & 1), i = s++;
+        if (col < j.in) base[(b >> 1) * ld + col] = load(i);
+      }
+    }
+  }
+}
+
+}  // namespace
 
 void matmul_scalar(const Job& j, int64_t t0, int64_t t1) {
   const int64_t groups = j.words / GROUP;
@@ -34,21 +56,11 @@ void matmul_scalar(const Job& j, int64_t t0, int64_t t1) {
 }
 
 void unpack_scalar(const Job& j, int64_t t0, int64_t t1, int64_t tbase, float* dst, int64_t ld) {
-  const int64_t groups = j.words / GROUP;
-  for (int64_t t = t0; t < t1; ++t) {
-    int64_t s = j.dense ? t * j.words * 32 : j.offsets[t * groups];
-    float* base = dst + (t - tbase) * ROWS;
-    for (int64_t p = 0; p < j.words; ++p) {
-      for (int c = 0; c < 2 && 2 * p + c < j.in; ++c) std::memset(base + (2 * p + c) * ld, 0, ROWS * sizeof(float));
-      uint32_t m = j.dense ? 0xFFFFFFFFu : uint32_t(j.masks[t * j.words + p]);
-      for (int b = 0; b < 32; ++b) {
-        if (!(m >> b & 1)) continue;
-        float v = load_value(j.values, j.vtype, s++);
-        int64_t col = 2 * p + (b & 1);
-        if (col < j.in) base[col * ld + (b >> 1)] = v;
-      }
-    }
-  }
+  unpack_tiles(j, t0, t1, tbase, dst, ld, [&](int64_t i) { return load_value(j.values, j.vtype, i); });
+}
+
+void unpack_bf16_scalar(const Job& j, int64_t t0, int64_t t1, int64_t tbase, uint16_t* dst, int64_t ld) {
+  unpack_tiles(j, t0, t1, tbase, dst, ld, [&](int64_t i) { return static_cast<const uint16_t*>(j.values)[i]; });
 }
 
 }  // namespace ptp

@@ -21,6 +21,9 @@ struct Job {
   bool dense;               // the same loop without the mask: every bit set
   const float* x;           // [ntok, ldx] fp32 activations, zero-padded to ldx = 2*words
   int64_t ntok, ldx;
+  // Or, for bf16 values on CPUs with AVX512_BF16 (matmul_avx512 only): bf16 activations as
+  // [ntok, words] uint32 column pairs (x[2p] low half, x[2p+1] high half), zero-padded; x unused.
+  const uint32_t* xpairs;
   float* y;                 // [ntok, ldy] fp32 outputs
   int64_t ldy;
   const float* bias;        // [out] or nullptr
@@ -31,11 +34,15 @@ void matmul_scalar(const Job& j, int64_t t0, int64_t t1);
 void matmul_avx2(const Job& j, int64_t t0, int64_t t1);
 void matmul_avx512(const Job& j, int64_t t0, int64_t t1);
 
-// dst[col, 16*(t - tbase) + r] = W[16t + r, col] for tiles t0..t1), col < in: the transposed
-// dense block, ld floats per column (rows past `out` come out 0).
+// dst[(16*(t - tbase) + r) * ld + col] = W[16t + r, col] for tiles t0..t1), col < in: the
+// dense rows, row-major as nn.Linear stores them (ld >= in; rows past `out` come out 0), fp32.
 void unpack_scalar(const Job& j, int64_t t0, int64_t t1, int64_t tbase, float* dst, int64_t ld);
 void unpack_avx2(const Job& j, int64_t t0, int64_t t1, int64_t tbase, float* dst, int64_t ld);
 void unpack_avx512(const Job& j, int64_t t0, int64_t t1, int64_t tbase, float* dst, int64_t ld);
+// The same for bf16 values into bf16 rows (the bits copied, so exact): the weight of torch's
+// bf16 GEMM for prefill. No AVX2 variant: without AVX512_BF16 that GEMM is not the fast path.
+void unpack_bf16_scalar(const Job& j, int64_t t0, int64_t t1, int64_t tbase, uint16_t* dst, int64_t ld);
+void unpack_bf16_avx512(const Job& j, int64_t t0, int64_t t1, int64_t tbase, uint16_t* dst, int64_t ld);
 
 // Value conversions shared by the kernels (bit-exact; fp16 handles subnormals, inf and NaN).
 inline float bf16_to_f32(uint16_t h) {
