@@ -16,10 +16,11 @@ All three work through ``engine.BlockHooks``, around the engine's own per-block 
   those activations and continues: the output is identical, tensor for tensor, to an uninterrupted
   run. The finished directory is renamed to ``out`` only at the end, so ``out`` is never partial.
 - **Several processes** (``prune_distributed``, or ``Stream`` under ``torchrun``): each rank of a
-  ``torch.distributed`` process group takes a contiguous share of the calibration samples; before a
-  group of layers is solved its statistics are summed over the ranks (``all_reduce_stats``), and
-  every rank solves the same problem, so every rank ends with the same weights: those one process
-  finds, up to the order of float summation.
+  ``torch.distributed`` process group takes a contiguous range of whole calibration batches, formed
+  exactly as one process forms them (``local_batches``), so every batch's forward is the same bit
+  for bit; before a group of layers is solved its float64 statistic sums are added over the ranks
+  (``all_reduce_stats``; exact, so the order does not matter), and every rank solves the same
+  problem: every rank ends with exactly the weights one process finds with the same batch size.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import __version__, io
+from . import __version__, checks, io
 from .config import ConfigError, PruneConfig
 from .engine import (BlockHooks, LayerReport, PruneReport, WeightTally, as_token_batch, find_blocks, log_accounting,
                      prunable_layers, prune)
@@ -109,20 +110,31 @@ def launch(nproc: int, argv: list[str]) -> int:
     return subprocess.call(command)
 
 
-def local_samples(tokens: torch.Tensor) -> torch.Tensor:
-    """This rank's contiguous share of the calibration samples [n, L] (sizes differ by at most one)."""
+def local_batches(tokens: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, bool]:
+    """This rank's calibration samples, and whether its statistics count.
+
+    Batch i is samples [i*batch_size, (i+1)*batch_size), as one process forms them; each rank takes
+    a contiguous range of whole batches (the counts differ by at most one), so each batch runs
+    through every block in the same shape, hence bit for bit the same, as in one process. A rank
+    left without a batch (more ranks than batches) still runs batch 0, to take part in every
+    collective in step with the others, but adds nothing to the statistics.
+    """
     rank, world = rank_world()
-    if tokens.shape[0] < world:
-        raise ConfigError(f"{tokens.shape[0]} calibration samples cannot be split over {world} processes")
-    return tokens.tensor_split(world)[rank]
+    count = math.ceil(tokens.shape[0] / batch_size)
+    first, last = rank * count // world, (rank + 1) * count // world
+    if first == last:
+        return tokens[:batch_size], False
+    return tokens[first * batch_size : last * batch_size], True
 
 
-def all_reduce_stats(accumulators: list) -> None:
+def all_reduce_stats(accumulators: list, contribute: bool = True) -> None:
     """Sum calibration statistics over all ranks, in place, so that every rank holds what a single
     process would have accumulated over all the samples.
 
-    ``Hessian`` keeps a running mean H = 2 X X^T / n: rank r contributes n_r H_r, and the sum is
-    divided by the total count. ``InputNorms`` keeps sums of squares: they add.
+    ``Hessian`` and ``InputNorms`` keep float64 sums of float32 per-batch terms (the scaling is
+    applied when they are read): the sums and the token counts add, exactly, so the result does not
+    depend on how the batches were spread. ``contribute=False``: this rank adds nothing (it ran a
+    batch only to keep in step; see ``local_batches``).
     """
     import torch.distributed as dist
 
@@ -130,17 +142,13 @@ def all_reduce_stats(accumulators: list) -> None:
         data = acc.upper if isinstance(acc, Hessian) else acc.sq_sum if isinstance(acc, InputNorms) else None
         if data is None:
             raise TypeError(f"cannot reduce {type(acc).__name__}")
-        count = torch.tensor([float(acc.tokens)], dtype=torch.float64, device=data.device)
+        if not contribute:
+            data.zero_()
+            acc.tokens = 0
+        count = torch.tensor([acc.tokens], dtype=torch.int64, device=data.device)
         dist.all_reduce(count)
-        total = int(count.item())
-        if isinstance(acc, Hessian):
-            data *= acc.tokens  # the mean back to a sum over this rank's tokens
-            dist.all_reduce(data)
-            if total:
-                data /= total
-        else:
-            dist.all_reduce(data)
-        acc.tokens = total
+        dist.all_reduce(data)
+        acc.tokens = int(count.item())
 
 
 def any_rank(flag: bool) -> bool:
@@ -162,22 +170,30 @@ def _barrier() -> None:
 
 
 class Distributed(BlockHooks):
-    """Sums each group's statistics over the process group before the group is solved."""
+    """Sums each group's statistics over the process group before the group is solved.
+    ``contributes``: whether this rank's statistics count (``local_batches``)."""
+
+    contributes = True
+
+    def __init__(self, contributes: bool = True):
+        self.contributes = contributes
 
     def reduce(self, accumulators: list) -> None:
         if rank_world()[1] > 1:
-            all_reduce_stats(accumulators)
+            all_reduce_stats(accumulators, self.contributes)
 
 
 def prune_distributed(model: nn.Module, batches, config: PruneConfig) -> PruneReport:
     """``ptp.prune`` on one rank of a process group: call it on every rank with the same ``batches``;
-    each rank runs its share of the samples, the statistics are summed over ranks, and every rank
-    ends with the same pruned model.
+    each rank runs its share of the batches, the statistics are summed over ranks, and every rank
+    ends with the pruned model one process would give with the same ``config.batch_size``.
 
     >>> torch.distributed.init_process_group("gloo")      # under torchrun
     >>> report = ptp.scale.prune_distributed(model, tokens, ptp.PruneConfig(sparsity="2:4"))
     """
-    return prune(model, local_samples(as_token_batch(batches)), config, Distributed())
+    config = checks.as_config(config)
+    mine, contributes = local_batches(as_token_batch(batches), config.batch_size)
+    return prune(model, mine, config, Distributed(contributes))
 
 
 # --------------------------------------------------------------------------- sizes and memory
@@ -519,7 +535,7 @@ class Stream(Distributed):
         """Prune, checkpointing after every block, and (rank 0) publish the finished directory to
         ``out``. An error or a kill leaves the checkpoint for ``resume``; ``out`` is untouched."""
         tokens = as_token_batch(batches)
-        mine = local_samples(tokens)
+        mine, self.contributes = local_batches(tokens, self.config.batch_size)
         self.verify = verify
         self.fingerprint = {
             "ptp_version": __version__, "model": str(self.source.absolute()), "dtype": str(self.dtype),
