@@ -151,8 +151,7 @@ def add_prune(sub) -> None:
 
 def run_prune(args) -> int:
     """Validate everything cheap first, so bad input fails before minutes of work and writes nothing."""
-    from . import data, io, scale
-    from .engine import prunable_layers, prune
+    from . import io, pipeline, scale
 
     if args.method.lower() == "structured":
         return run_prune_structured(args)
@@ -186,7 +185,7 @@ def run_prune(args) -> int:
     if args.resume and _finished(args, config):
         return 0
     io.check_out_dir(args.out, args.overwrite)
-    source = io.resolve_model(args.model)
+    io.resolve_model(args.model)  # an unknown model name fails here, before anything loads
     if args.nproc > 1 and not scale.launched():
         return scale.launch(args.nproc, args.argv)
     config.device = scale.init_distributed(config.device)
@@ -194,30 +193,31 @@ def run_prune(args) -> int:
     if stream or scale.any_rank(can_stream and scale.would_not_fit(args.model)):
         return run_prune_stream(args, config, budget, start)
     with _silenced(args.quiet):
-        model, tokenizer = io.load_model(args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
-                                         verify=not args.no_verify)
-
-    prunable_layers(model, config)  # no decoder blocks, or an N:M width that cannot work: fail before calibrating
-    limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
-    seqlen = _seqlen(args.seqlen, limit)
-    if args.calib == "self" and args.device:
-        model.to(args.device)  # sampling runs the whole model; do it where the user asked to compute
-    tokens = data.calibration_batches(args.calib, tokenizer, args.nsamples, seqlen, args.seed,
-                                      model=model, text_field=args.text_field)
-    model.to("cpu")  # the engine moves one block at a time to the device
-    if scale.rank_world()[1] > 1:
-        report = scale.prune_distributed(model, tokens, config)
-        if scale.rank_world()[0] != 0:
-            return 0  # rank 0 saves
-    else:
-        report = prune(model, tokens, config)
-
-    meta = _prune_meta(args, config, seqlen, source, getattr(model.config, "_commit_hash", None))
-    meta["total_wall_time_s"] = time.perf_counter() - start  # load + calibration + pruning
-    record = io.save(model, tokenizer, args.out, report=report, sparsity=config.sparsity, meta=meta,
-                     format=args.format, overwrite=args.overwrite, verify=not args.no_verify)
-    _prune_summary(args, config, seqlen, report, record, start)
+        loaded = io.load_model(args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
+                               verify=not args.no_verify)
+    job = _job(args, prune=config, seqlen=_seqlen(args.seqlen, _positions(loaded[0])))
+    result = pipeline.run(job, loaded=loaded, meta={"arguments": _arguments(args)})
+    if scale.rank_world()[0] == 0:  # rank 0 saved
+        _prune_summary(args, config, job.seqlen, result.report, result.record, start)
     return 0
+
+
+def _job(args, **fields) -> "pipeline.Job":
+    """The pipeline job of a ``ptp prune`` command line (everything but the pruning itself)."""
+    from . import pipeline
+
+    return pipeline.Job(args.model, calib=args.calib, nsamples=args.nsamples, seed=args.seed,
+                        text_field=args.text_field, dtype=args.dtype, out=args.out, format=args.format,
+                        overwrite=args.overwrite, verify=not args.no_verify,
+                        trust_remote_code=args.trust_remote_code, **fields)
+
+
+def _positions(model) -> int | None:
+    return getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+
+
+def _arguments(args) -> dict:
+    return {k: v for k, v in vars(args).items() if k not in ("func", "argv")}
 
 
 def run_prune_stream(args, config: PruneConfig, budget: int | None, start: float) -> int:
@@ -367,8 +367,8 @@ def _read_profile(spec: str | None):
 
 def run_prune_structured(args) -> int:
     """``--method structured``: a smaller standard model (``ptp.prune_structured``), saved dense."""
-    from . import data, io
-    from .structured import check_options, prune_structured
+    from . import io, pipeline
+    from .structured import check_options
 
     start = time.perf_counter()
     _quiet_libraries(args)
@@ -383,29 +383,16 @@ def run_prune_structured(args) -> int:
     check_options(args.ratio, args.attn_ratio, args.importance, args.compensation, args.experts_ratio)
     _check_counts(args)
     io.check_out_dir(args.out, args.overwrite)
-    source = io.resolve_model(args.model)
+    io.resolve_model(args.model)  # an unknown model name fails here, before anything loads
     with _silenced(args.quiet):
-        model, tokenizer = io.load_model(args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
-                                         verify=not args.no_verify)
-    limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
-    seqlen = _seqlen(args.seqlen, limit)
-    tokens = data.calibration_batches(args.calib, tokenizer, args.nsamples, seqlen, args.seed,
-                                      model=model, text_field=args.text_field)
-    report = prune_structured(model, tokens, args.ratio, attn_ratio=args.attn_ratio,
-                              experts_ratio=args.experts_ratio, importance=args.importance,
-                              compensation=args.compensation, damp=args.damp, batch_size=args.batch_size,
-                              device=args.device, blocks=args.blocks)
-    meta = {
-        "model": args.model,
-        "model_source": {"path": source[0], "gguf_file": source[1],
-                         "revision": getattr(model.config, "_commit_hash", None)},
-        "method": "structured",
-        "calibration": {"source": args.calib, "nsamples": args.nsamples, "seqlen": seqlen, "seed": args.seed,
-                        "text_field": args.text_field},
-        "structured": report.to_dict(),
-        "arguments": {k: v for k, v in vars(args).items() if k not in ("func", "argv")},
-    }
-    io.save(model, tokenizer, args.out, meta=meta, overwrite=args.overwrite, verify=not args.no_verify)
+        loaded = io.load_model(args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
+                               verify=not args.no_verify)
+    seqlen = _seqlen(args.seqlen, _positions(loaded[0]))
+    options = dict(attn_ratio=args.attn_ratio, experts_ratio=args.experts_ratio, importance=args.importance,
+                   compensation=args.compensation, damp=args.damp, batch_size=args.batch_size, device=args.device,
+                   blocks=args.blocks)
+    job = _job(args, structured_ratio=args.ratio, structured_options=options, seqlen=seqlen)
+    report = pipeline.run(job, loaded=loaded, meta={"arguments": _arguments(args)}).report
     summary = {
         "out": str(args.out), "model": args.model, "method": "structured", "ratio": args.ratio,
         "importance": report.importance, "compensation": report.compensation, "removed": report.removed,

@@ -30,8 +30,11 @@ class Job:
                       with ``structured_ratio`` set for structured pruning (a smaller dense model).
     calib, nsamples, seqlen, seed, text_field: the calibration windows (``ptp.calibration_batches``);
                       seqlen None: 2048, or the model's maximum positions if smaller.
+    structured_options: further keyword arguments of ``ptp.prune_structured`` (attn_ratio,
+                      experts_ratio, importance, compensation, damp, batch_size, device, blocks).
     out:              output directory (None: keep the model in memory only); ``format`` "dense" or
-                      "compressed"; ``overwrite``, ``verify`` as in ``ptp.save``.
+                      "compressed"; ``overwrite``, ``verify`` as in ``ptp.save`` (verify also checks a
+                      ptp directory's checksums when it is loaded).
     ppl:              evaluation texts (files or named splits), ``ppl_seqlen``-token windows, at
                       most ``ppl_limit`` of them.
     """
@@ -39,6 +42,7 @@ class Job:
     model: str
     prune: PruneConfig | None = None
     structured_ratio: float | None = None
+    structured_options: dict = field(default_factory=dict)
     calib: str = "wikitext2"
     nsamples: int = 128
     seqlen: int | None = None
@@ -92,18 +96,25 @@ def calibrate(job: Job, model: nn.Module, tokenizer) -> torch.Tensor:
     """The job's calibration windows, LongTensor [nsamples, seqlen]."""
     from .data import calibration_batches
 
+    device = job.prune.device if job.prune is not None else job.structured_options.get("device")
+    if job.calib == "self" and device:
+        model.to(device)  # sampling runs the whole model; do it where the user asked to compute
     return calibration_batches(job.calib, tokenizer, job.nsamples, default_seqlen(model, job.seqlen), job.seed,
                                model=model, text_field=job.text_field)
 
 
 def prune_model(job: Job, model: nn.Module, tokens: torch.Tensor):
-    """Prune ``model`` in place as the job says; returns the engine's report."""
+    """Prune ``model`` in place as the job says (over every process of an initialised process
+    group, when there is one); returns the engine's report."""
+    from . import scale
     from .engine import prune, prunable_layers
     from .structured import prune_structured
 
     if job.prune is None:
-        return prune_structured(model, tokens, job.structured_ratio)
+        return prune_structured(model, tokens, job.structured_ratio, **job.structured_options)
     prunable_layers(model, job.prune)
+    if scale.rank_world()[1] > 1:
+        return scale.prune_distributed(model, tokens, job.prune)
     return prune(model, tokens, job.prune)
 
 
@@ -111,15 +122,18 @@ def run(job: Job, *, tokens: torch.Tensor | None = None, loaded: tuple[nn.Module
         meta: dict | None = None) -> JobResult:
     """Load (unless ``loaded`` = (model, tokenizer) is given: it is pruned in place), calibrate
     (unless ``tokens`` are given), prune, save to ``job.out`` when set, and measure perplexity on
-    ``job.ppl``. ``meta`` adds fields to ``ptp.json``."""
-    from . import io
+    ``job.ppl``. ``meta`` adds fields to ``ptp.json``. Under several processes every rank prunes
+    and rank 0 alone saves and evaluates (the others return with an empty record)."""
+    from . import io, scale
     from .evaluate import perplexity
 
     seconds: dict[str, float] = {}
-    clock = time.perf_counter()
+    start = clock = time.perf_counter()
     if job.out is not None:
         io.check_out_dir(job.out, job.overwrite)
-    model, tokenizer = loaded or io.load_model(job.model, dtype=job.dtype, trust_remote_code=job.trust_remote_code)
+    source = io.resolve_model(job.model)
+    model, tokenizer = loaded or io.load_model(job.model, dtype=job.dtype, trust_remote_code=job.trust_remote_code,
+                                                verify=job.verify)
     seconds["load"] = time.perf_counter() - clock
     if job.prune is not None:
         from .engine import prunable_layers
@@ -128,21 +142,29 @@ def run(job: Job, *, tokens: torch.Tensor | None = None, loaded: tuple[nn.Module
     clock = time.perf_counter()
     tokens = calibrate(job, model, tokenizer) if tokens is None else tokens
     seconds["calibrate"] = time.perf_counter() - clock
-    model.to("cpu")
+    model.to("cpu")  # the engine moves one block at a time to the device
     clock = time.perf_counter()
     report = prune_model(job, model, tokens)
     seconds["prune"] = time.perf_counter() - clock
     record: dict = {}
+    if scale.rank_world()[0] != 0:
+        return JobResult(model, tokenizer, tokens, report, record, {}, seconds)
     if job.out is not None:
         clock = time.perf_counter()
-        info = {"model": job.model, "method": job.method,
+        info = {"model": job.model,
+                "model_source": {"path": source[0], "gguf_file": source[1],
+                                 "revision": getattr(model.config, "_commit_hash", None)},
+                "method": job.method,
                 "calibration": {"source": job.calib, "nsamples": int(tokens.shape[0]), "seqlen": int(tokens.shape[1]),
-                                "seed": job.seed, "text_field": job.text_field}, **(meta or {})}
+                                "seed": job.seed, "text_field": job.text_field},
+                "total_wall_time_s": time.perf_counter() - start,  # load + calibration + pruning
+                **(meta or {})}
         if job.prune is None:
             info["structured"] = report.to_dict()
             record = io.save(model, tokenizer, job.out, meta=info, overwrite=job.overwrite, verify=job.verify)
         else:
-            info["config"] = job.prune.to_dict()
+            info.update(sparsity=str(job.prune.sparsity), config=job.prune.to_dict(),
+                        processes=scale.rank_world()[1])  # calibration split over this many
             record = io.save(model, tokenizer, job.out, report=report, sparsity=job.prune.sparsity, meta=info,
                              format=job.format, overwrite=job.overwrite, verify=job.verify)
         seconds["save"] = time.perf_counter() - clock
