@@ -100,7 +100,8 @@ def record_problem(record) -> str | None:
                                       and isinstance(integrity.get("files"), dict)
                                       and isinstance(integrity.get("record"), str)):
         return "its integrity entry is malformed"
-    layers = (record.get("report") or {}).get("layers", []) if isinstance(record.get("report"), dict) else None
+    report = record.get("report")  # none for structured pruning: nothing is sparse
+    layers = [] if report is None else report.get("layers", []) if isinstance(report, dict) else None
     if layers is None or not isinstance(layers, list) or not all(_layer_ok(l) for l in layers):
         return "its per-layer report is malformed"
     return None

@@ -320,6 +320,12 @@ def test_cli_structured_saves_a_standard_checkpoint(tmp_path, capsys):
     assert model.config.intermediate_size == summary["config"]["intermediate_size"] < 128
     record = json.loads((out / "ptp.json").read_text())
     assert record["method"] == "structured" and record["structured"]["importance"] == "flap"
+    assert record["model_source"]["path"] == str(model_dir) and record["arguments"]["ratio"] == 0.35
+    # ptp's own loader verifies the record (no per-layer report: nothing is sparse) and the checksums
+    reloaded = ptp.load(out)
+    assert reloaded.config.intermediate_size == model.config.intermediate_size
+    ids = torch.randint(0, 64, (1, 8))
+    assert torch.equal(reloaded(ids).logits, model(ids).logits)
 
 
 @pytest.mark.parametrize("extra,message", [
