@@ -195,10 +195,9 @@ def run_prune(args) -> int:
     with _silenced(args.quiet):
         loaded = io.load_model(args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
                                verify=not args.no_verify)
-    job = _job(args, prune=config, seqlen=_seqlen(args.seqlen, _positions(loaded[0])))
-    result = pipeline.run(job, loaded=loaded, meta={"arguments": _arguments(args)})
+    result = pipeline.run(_job(args, prune=config), loaded=loaded, meta={"arguments": _arguments(args)})
     if scale.rank_world()[0] == 0:  # rank 0 saved
-        _prune_summary(args, config, job.seqlen, result.report, result.record, start)
+        _prune_summary(args, config, result.tokens.shape[1], result.report, result.record, start)
     return 0
 
 
@@ -206,14 +205,10 @@ def _job(args, **fields) -> "pipeline.Job":
     """The pipeline job of a ``ptp prune`` command line (everything but the pruning itself)."""
     from . import pipeline
 
-    return pipeline.Job(args.model, calib=args.calib, nsamples=args.nsamples, seed=args.seed,
+    return pipeline.Job(args.model, calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
                         text_field=args.text_field, dtype=args.dtype, out=args.out, format=args.format,
                         overwrite=args.overwrite, verify=not args.no_verify,
                         trust_remote_code=args.trust_remote_code, **fields)
-
-
-def _positions(model) -> int | None:
-    return getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
 
 
 def _arguments(args) -> dict:
@@ -224,7 +219,7 @@ def run_prune_stream(args, config: PruneConfig, budget: int | None, start: float
     """``--stream`` / ``--resume``: ``ptp.scale.Stream`` reads one block at a time and checkpoints."""
     from transformers import AutoTokenizer
 
-    from . import data, integrity, scale
+    from . import data, integrity, pipeline, scale
 
     if not args.no_verify and Path(args.model).is_dir():
         integrity.check_files(args.model)  # a ptp output as input: its checksums, as a load would
@@ -234,8 +229,7 @@ def run_prune_stream(args, config: PruneConfig, budget: int | None, start: float
         tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
     except (OSError, ValueError) as err:
         raise ConfigError(f"cannot load the tokenizer of {args.model}: {str(err).strip().splitlines()[0]}") from None
-    limit = getattr(stream.model.config, "max_position_embeddings", None) or getattr(stream.model.config, "n_positions", None)
-    seqlen = _seqlen(args.seqlen, limit)
+    seqlen = pipeline.default_seqlen(stream.model, args.seqlen)
     tokens = data.calibration_batches(args.calib, tokenizer, args.nsamples, seqlen, args.seed,
                                       model=stream.model, text_field=args.text_field)
     meta = _prune_meta(args, config, seqlen, (str(stream.source), None), None)
@@ -387,12 +381,12 @@ def run_prune_structured(args) -> int:
     with _silenced(args.quiet):
         loaded = io.load_model(args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
                                verify=not args.no_verify)
-    seqlen = _seqlen(args.seqlen, _positions(loaded[0]))
     options = dict(attn_ratio=args.attn_ratio, experts_ratio=args.experts_ratio, importance=args.importance,
                    compensation=args.compensation, damp=args.damp, batch_size=args.batch_size, device=args.device,
                    blocks=args.blocks)
-    job = _job(args, structured_ratio=args.ratio, structured_options=options, seqlen=seqlen)
-    report = pipeline.run(job, loaded=loaded, meta={"arguments": _arguments(args)}).report
+    result = pipeline.run(_job(args, structured_ratio=args.ratio, structured_options=options), loaded=loaded,
+                          meta={"arguments": _arguments(args)})
+    report, seqlen = result.report, result.tokens.shape[1]
     summary = {
         "out": str(args.out), "model": args.model, "method": "structured", "ratio": args.ratio,
         "importance": report.importance, "compensation": report.compensation, "removed": report.removed,

@@ -89,7 +89,7 @@ class JobResult:
 
 def default_seqlen(model: nn.Module, seqlen: int | None) -> int:
     limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
-    return seqlen or min(2048, limit or 2048)
+    return seqlen if seqlen is not None else min(2048, limit or 2048)  # 0 is a value, not "unset"
 
 
 def calibrate(job: Job, model: nn.Module, tokenizer) -> torch.Tensor:
