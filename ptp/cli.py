@@ -167,8 +167,9 @@ def run_prune(args) -> int:
         reconstruct=args.reconstruct, recon_epochs=args.recon_epochs, recon_lr=args.recon_lr,
         recon_batch=args.recon_batch, recon_holdout=args.recon_holdout, recon_norms=args.recon_norms,
     )
-    if args.reconstruct and (args.stream or args.resume or args.nproc > 1):
-        raise ConfigError("--reconstruct needs the model in memory in one process: drop --stream, --resume, --nproc")
+    if args.reconstruct and args.nproc > 1:
+        raise ConfigError("--reconstruct runs in one process: each process would tune the block on its own "
+                          "windows and the copies would differ; drop --nproc")
     if args.format not in ("dense", "compressed"):
         raise ConfigError(f"unknown format {args.format!r}; choose dense or compressed")
     budget = scale.parse_size(args.act_budget)

@@ -592,6 +592,16 @@ class BlockHooks:
     def block_done(self, index: int, block: nn.Module, hidden, report: PruneReport) -> None:
         """After block ``index`` is pruned and ``hidden`` holds its outputs (the next block's inputs)."""
 
+    def dense_twin(self, hidden):
+        """Block reconstruction, at the first block processed: a buffer like ``hidden`` for the
+        dense model's activations, holding that block's dense inputs (on a fresh run a copy of
+        ``hidden``; a resumed run reads the saved ones)."""
+        return hidden.clone()
+
+    def twin_written(self, twin) -> None:
+        """``run_block`` just wrote a dense block's outputs into ``twin``; from here on reading
+        ``twin`` must give them (activations on disk switch files here)."""
+
 
 def for_each_block(model, blocks, tokens: torch.Tensor, config: PruneConfig, device, desc: str, work,
                    hooks: BlockHooks | None = None, report: PruneReport | None = None) -> None:
@@ -695,20 +705,18 @@ def prune(model: nn.Module, batches, config: PruneConfig, hooks: BlockHooks | No
     report = PruneReport(config.method, str(config.sparsity))
 
     tally = WeightTally(find_blocks(model, config.blocks)[0], config.skip)
-    if config.reconstruct:
-        if type(hooks) is not BlockHooks:
-            raise ConfigError("reconstruct needs a plain in-memory run, not --stream, --resume or --nproc")
-        if tokens.shape[0] <= config.recon_holdout:
-            raise ConfigError(f"reconstruction holds out {config.recon_holdout} calibration windows and needs more "
-                              f"than that; got {tokens.shape[0]} (raise nsamples or lower recon_holdout)")
-    dense = {}  # reconstruct: the dense model's activations at the current block, beside the pruned ones
+    tuning = config.reconstruct and config.recon_epochs > 0  # 0 epochs is the plain solver, bit for bit
+    if tuning:
+        check_reconstruction(tokens, config)
+    dense = {}  # reconstruction: the dense model's activations at the current block, beside the pruned ones
 
     def prune_or_pass(i, block, hidden, batch_kwargs):
         tune = None
-        if config.reconstruct and all_layers[i]:
+        if tuning:
             if "hidden" not in dense:
-                dense["hidden"] = hidden.clone()  # block 0's inputs are the same for both models
+                dense["hidden"] = hooks.dense_twin(hidden)
             run_block(block, dense["hidden"], batch_kwargs, config.batch_size)  # -> the dense block's outputs
+            hooks.twin_written(dense["hidden"])
 
             def tune(layers):
                 extra = [p for n, p in block.named_parameters() if p.dim() == 1 and "norm" in n.lower()]
@@ -716,12 +724,9 @@ def prune(model: nn.Module, batches, config: PruneConfig, hooks: BlockHooks | No
                     i, block, tunable_weights(layers), hidden, dense["hidden"], batch_kwargs, config.batch_size,
                     epochs=config.recon_epochs, lr=config.recon_lr, step_batch=config.recon_batch,
                     holdout=config.recon_holdout, extra=extra if config.recon_norms else []).to_dict())
-        elif config.reconstruct:
-            if "hidden" in dense:
-                run_block(block, dense["hidden"], batch_kwargs, config.batch_size)
         if all_layers[i]:
             report.layers.extend(prune_block(block, all_layers[i], hidden, batch_kwargs, config, device,
-                                             hooks.reduce, sparsities[i], tune if config.recon_epochs else None))
+                                             hooks.reduce, sparsities[i], tune))
         else:
             run_block(block, hidden, batch_kwargs, config.batch_size)
         tally.add_block(i, block)
@@ -735,6 +740,18 @@ def prune(model: nn.Module, batches, config: PruneConfig, hooks: BlockHooks | No
     report.wall_time_s = time.perf_counter() - start
     log_accounting(report)
     return report
+
+
+def check_reconstruction(tokens: torch.Tensor, config: PruneConfig) -> None:
+    """Refuse, before any work, a reconstruction that cannot run as asked."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        raise ConfigError("--reconstruct runs in one process: each process would tune the block on its own "
+                          "windows and the copies would differ; drop --nproc")
+    if tokens.shape[0] <= config.recon_holdout:
+        raise ConfigError(f"reconstruction holds out {config.recon_holdout} calibration windows and needs more "
+                          f"than that; got {tokens.shape[0]} (raise nsamples or lower recon_holdout)")
 
 
 def log_accounting(report: PruneReport) -> None:

@@ -543,11 +543,11 @@ class Stream(Distributed):
             "processes": self.world, "tokens": list(tokens.shape),
             "tokens_sha256": hashlib.sha256(tokens.contiguous().numpy().tobytes()).hexdigest(),
         }
-        self.done, self.saved_layers = self._open_state()
+        self.done, self.saved = self._open_state()
         self.activations = "memory"
         capture = [k for k in self.outside if k not in self.head_keys]  # the head is not needed before block 0
         materialise(self.model, "", self.shards.read(capture, self.dtype))
-        self.disk = None
+        self.disk = self.twin = None
         try:
             report = prune(self.model, mine, self.config, self)
         except BaseException:
@@ -556,8 +556,9 @@ class Stream(Distributed):
                              self._committed(), len(self.blocks), self.work)
             raise
         finally:
-            if self.disk is not None:
-                self.disk.close()
+            for buffer in (self.disk, self.twin):
+                if isinstance(buffer, DiskActivations):
+                    buffer.close()
         if self.rank == 0:
             self._finish(report, tokenizer, meta, verify)
         _barrier()
@@ -569,7 +570,7 @@ class Stream(Distributed):
         except (OSError, ValueError, KeyError):
             return 0
 
-    def _open_state(self) -> tuple[int, list[dict]]:
+    def _open_state(self) -> tuple[int, dict]:
         """Read (resume) or start the checkpoint; every rank reads it, so all refuse a mismatch alike."""
         state_path = self.work / STATE
         state = json.loads(state_path.read_text()) if self.resume and state_path.is_file() else None
@@ -584,29 +585,32 @@ class Stream(Distributed):
         if self.rank == 0 and state is None:
             shutil.rmtree(self.work, ignore_errors=True)  # nothing committed there: start clean
             self.work.mkdir(parents=True)
-            self._commit(0, [])
+            self._commit(0)
         _barrier()
         if state is None:
-            return 0, []
+            return 0, {}
         logger.info("resuming %s: %d of %d blocks already pruned", self.work, state["done"], len(self.blocks))
-        return state["done"], state["layers"]
+        return state["done"], state
 
-    def _commit(self, done: int, layers: list[LayerReport]) -> None:
+    def _commit(self, done: int, report: PruneReport | None = None) -> None:
         """Record that blocks < ``done`` are written and their activations saved (atomic replace)."""
         tmp = self.work / (STATE + ".tmp")
-        tmp.write_text(json.dumps({"fingerprint": self.fingerprint, "done": done,
-                                   "layers": [asdict(layer) for layer in layers]}, indent=1))
+        layers = [asdict(layer) for layer in report.layers] if report else []
+        tmp.write_text(json.dumps({"fingerprint": self.fingerprint, "done": done, "layers": layers,
+                                   "reconstruction": report.reconstruction if report else []}, indent=1))
         _fsync(tmp)
         os.replace(tmp, self.work / STATE)
         _fsync(self.work)
 
-    def _slots(self) -> tuple[Path, Path]:
-        return tuple(self.work / f"activations-rank{self.rank}-{slot}.bin" for slot in (0, 1))
+    def _slots(self, kind: str = "activations") -> tuple[Path, Path]:
+        """The two files of the pruned model's activations, or (``kind="dense"``) of the dense
+        model's ones that block reconstruction tunes towards."""
+        return tuple(self.work / f"{kind}-rank{self.rank}-{slot}.bin" for slot in (0, 1))
 
     # ---------------------------------------------------------------- hooks called by engine.prune
 
     def alloc(self, shape, dtype, device):
-        nbytes = math.prod(shape) * dtype.itemsize
+        nbytes = math.prod(shape) * dtype.itemsize * (2 if self.config.reconstruct else 1)  # + the dense twin
         if self.act_budget is None or nbytes <= self.act_budget:
             return super().alloc(shape, dtype, device)
         self.activations = "disk"
@@ -620,17 +624,46 @@ class Stream(Distributed):
     def start(self, hidden, report: PruneReport):
         self.model.to("meta")  # the embeddings are done with (no block is loaded yet)
         trim_heap()
-        report.layers += [LayerReport(**layer) for layer in self.saved_layers]
+        report.layers += [LayerReport(**layer) for layer in self.saved.get("layers", [])]
+        report.reconstruction += self.saved.get("reconstruction", [])
         if isinstance(hidden, DiskActivations):
             if self.done == 0:
                 hidden.advance()  # the captured inputs become block 0's
             return hidden, self.done
         if self.done:
-            saved = ActivationFile(self._slots()[self.done % 2], hidden.shape, hidden.dtype)
-            for a in range(0, hidden.shape[0], self.config.batch_size):
-                hidden[a : a + self.config.batch_size] = saved.read(slice(a, a + self.config.batch_size))
-            saved.close()
+            self._load(hidden, self._slots()[self.done % 2])
         return hidden, self.done
+
+    def _load(self, buffer: torch.Tensor, path: Path) -> None:
+        saved = ActivationFile(path, buffer.shape, buffer.dtype)
+        for a in range(0, buffer.shape[0], self.config.batch_size):
+            buffer[a : a + self.config.batch_size] = saved.read(slice(a, a + self.config.batch_size))
+        saved.close()
+
+    def _save(self, buffer: torch.Tensor, path: Path) -> None:
+        saved = ActivationFile(path, buffer.shape, buffer.dtype)
+        for a in range(0, buffer.shape[0], self.config.batch_size):
+            saved.write(slice(a, a + self.config.batch_size), buffer[a : a + self.config.batch_size])
+        saved.sync()
+        saved.close()
+
+    def dense_twin(self, hidden):
+        # Kept where the pruned activations are and checkpointed with them, in files of their own.
+        if isinstance(hidden, DiskActivations):
+            self.twin = DiskActivations(self._slots("dense"), hidden.shape, hidden.dtype, block=hidden.block)
+            if not self.done:  # a fresh run: the captured inputs are the dense ones too
+                inputs = self.twin.files[self.twin.block % 2]
+                for a in range(0, hidden.shape[0], self.config.batch_size):
+                    inputs.write(slice(a, a + self.config.batch_size), hidden[a : a + self.config.batch_size])
+        else:
+            self.twin = hidden.clone()
+            if self.done:
+                self._load(self.twin, self._slots("dense")[self.done % 2])
+        return self.twin
+
+    def twin_written(self, twin) -> None:
+        if isinstance(twin, DiskActivations):
+            twin.advance()
 
     def load_block(self, index: int, block: nn.Module) -> None:
         materialise(block, f"{self.blocks_name}.{index}.", self.shards.read(self.block_keys[index], self.dtype))
@@ -647,14 +680,12 @@ class Stream(Distributed):
         if isinstance(hidden, DiskActivations):
             hidden.advance()
         else:
-            saved = ActivationFile(self._slots()[(index + 1) % 2], hidden.shape, hidden.dtype)
-            for a in range(0, hidden.shape[0], self.config.batch_size):
-                saved.write(slice(a, a + self.config.batch_size), hidden[a : a + self.config.batch_size])
-            saved.sync()
-            saved.close()
+            self._save(hidden, self._slots()[(index + 1) % 2])
+        if isinstance(self.twin, torch.Tensor):  # on disk, it was synced when written
+            self._save(self.twin, self._slots("dense")[(index + 1) % 2])
         _barrier()  # every rank's activations are on disk
         if self.rank == 0:
-            self._commit(index + 1, report.layers)
+            self._commit(index + 1, report)
         _barrier()  # committed: the older activations may now be overwritten
         block.to("meta")
         trim_heap()
@@ -705,7 +736,7 @@ class Stream(Distributed):
         self.record["stream"] = {"activations": self.activations, "act_budget_bytes": self.act_budget,
                                  "processes": self.world, "resumed_at_block": self.done,
                                  "shards": len(self.block_files) + len(self.outside_files)}
-        for leftover in [STATE, *(p.name for p in self.work.glob("activations-rank*.bin"))]:
+        for leftover in [STATE, *(p.name for p in self.work.glob("*-rank*.bin"))]:
             (self.work / leftover).unlink(missing_ok=True)
         self.record = io.integrity.write_record(self.work, self.record)  # last: checksums of every file
         io.publish_dir(self.work, self.out)

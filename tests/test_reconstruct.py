@@ -109,8 +109,18 @@ def test_bad_reconstruction_settings_are_one_line_errors():
         config(recon_lr=0)
     with pytest.raises(ConfigError, match="holds out 4 calibration windows"):
         ptp.prune(tiny_model("llama"), CALIB[:4], config(recon_holdout=4))
-    with pytest.raises(ConfigError, match="plain in-memory run"):
-        ptp.scale.prune_distributed(tiny_model("llama"), CALIB, config())
+
+
+def test_several_processes_are_refused_before_any_work(monkeypatch):
+    import torch.distributed as dist
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    model = tiny_model("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ConfigError, match="runs in one process.*drop --nproc"):
+        ptp.prune(model, CALIB, config())
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 
 
 def test_cli_reconstruct_records_each_block_in_ptp_json(tmp_path, capsys):

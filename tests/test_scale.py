@@ -441,3 +441,52 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(model_dir, calib, tmp_
     assert message in err[0], err[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == before
     assert sorted(p.name for p in (tmp_path / ".busy.ptp-partial").iterdir()) == [scale.STATE]
+
+
+# --------------------------------------------------------------------------- block reconstruction
+
+
+def tunings(report) -> list[dict]:
+    return [{k: v for k, v in t.items() if k != "seconds"} for t in report.reconstruction]
+
+
+RECON = dict(method="sparsegpt", sparsity="2:4", batch_size=4, reconstruct=True, recon_epochs=2, recon_lr=1e-3,
+             recon_batch=2, recon_holdout=2)
+
+
+@pytest.mark.parametrize("budget", [None, 0])  # dense activations beside the pruned ones: in memory, on disk
+def test_streamed_reconstruction_equals_in_memory(budget, tmp_path):
+    src = saved(tmp_path / "src", tiny_model("llama"))
+    calib, config = tokens(10, 16), ptp.PruneConfig(**RECON)
+    memory = in_memory(src, calib, config, tmp_path / "memory")
+    report = scale.prune_streaming(src, calib, config, tmp_path / "streamed", act_budget=budget)
+    assert_identical(state_of(tmp_path / "streamed"), state_of(tmp_path / "memory"))
+    assert tunings(report) == tunings(memory) and len(report.reconstruction) == 3
+    assert any(t["kept"] == "tuned" for t in report.reconstruction)  # it did tune, so equality means something
+    record = json.loads((tmp_path / "streamed" / "ptp.json").read_text())
+    assert [t["heldout_after"] for t in record["report"]["reconstruction"]] == [
+        t["heldout_after"] for t in memory.reconstruction]
+    assert not list((tmp_path).glob(".*ptp-partial"))  # dense-rank*.bin went with the checkpoint
+
+
+@pytest.mark.parametrize("budget", [None, 0])
+def test_reconstruction_resumes_from_the_saved_dense_activations(budget, tmp_path, monkeypatch):
+    src = saved(tmp_path / "src", tiny_model("llama"))
+    calib, config = tokens(10, 16), ptp.PruneConfig(**RECON)
+    whole = scale.prune_streaming(src, calib, config, tmp_path / "whole", act_budget=budget)
+    block_done = scale.Stream.block_done
+
+    def dies(self, index, block, hidden, report):
+        block_done(self, index, block, hidden, report)
+        if index == 1:
+            raise Killed
+
+    with monkeypatch.context() as m:
+        m.setattr(scale.Stream, "block_done", dies)
+        with pytest.raises(Killed):
+            scale.prune_streaming(src, calib, config, tmp_path / "out", act_budget=budget)
+    work = tmp_path / ".out.ptp-partial"
+    assert sorted(p.name for p in work.glob("dense-rank0-*.bin")) == ["dense-rank0-0.bin", "dense-rank0-1.bin"]
+    report = scale.prune_streaming(src, calib, config, tmp_path / "out", resume=True, act_budget=budget)
+    assert_identical(state_of(tmp_path / "out"), state_of(tmp_path / "whole"))
+    assert tunings(report) == tunings(whole)  # the first two blocks' from the checkpoint
