@@ -382,9 +382,12 @@ def run_prune_structured(args) -> int:
     with _silenced(args.quiet):
         loaded = io.load_model(args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
                                verify=not args.no_verify)
+    tuning = PruneConfig(reconstruct=True, recon_epochs=args.recon_epochs, recon_lr=args.recon_lr,
+                         recon_batch=args.recon_batch, recon_holdout=args.recon_holdout,
+                         recon_norms=args.recon_norms) if args.reconstruct else None
     options = dict(attn_ratio=args.attn_ratio, experts_ratio=args.experts_ratio, importance=args.importance,
                    compensation=args.compensation, damp=args.damp, batch_size=args.batch_size, device=args.device,
-                   blocks=args.blocks)
+                   blocks=args.blocks, tuning=tuning)
     result = pipeline.run(_job(args, structured_ratio=args.ratio, structured_options=options), loaded=loaded,
                           meta={"arguments": _arguments(args)})
     report, seqlen = result.report, result.tokens.shape[1]
@@ -651,13 +654,16 @@ def run_report(args) -> int:
     record = measured_record(args.dir, verify=not args.no_verify)  # sparsities from the tensors, not the record's word
     text = report.markdown(record)
     folder = Path(args.dir)
+    structured = "structured" in record
+    if structured and args.plot:
+        raise ConfigError("--plot draws per-layer sparsity; a structured model has none (its table is in report.md)")
     try:
         (folder / "report.md").write_text(text + "\n")
         png = str(report.plot(record, folder / "layers.png")) if args.plot else None
     except OSError as err:
         raise ConfigError(f"cannot write into {folder}: {err.strerror}") from None
-    summary = {"dir": str(folder), "markdown": str(folder / "report.md"), "plot": png,
-               "blocks": report.by_block(report.layer_rows(record))}
+    blocks = record["structured"]["blocks"] if structured else report.by_block(report.layer_rows(record))
+    summary = {"dir": str(folder), "markdown": str(folder / "report.md"), "plot": png, "blocks": blocks}
     _emit(args, summary, [text] + ([f"\nplot: {png}"] if png else []))
     return 0
 
@@ -682,7 +688,7 @@ def add_sweep(sub) -> None:
     p.add_argument("--task-limit", type=int, default=None, help="examples per task")
     p.add_argument("--bench", action="store_true", help="measure decode and prefill tokens/s against dense")
     p.add_argument("--bench-repeats", type=int, default=3, help="timed repeats per measurement (median)")
-    p.add_argument("--reconstruct", action="store_true", help="block reconstruction on every unstructured/N:M cell")
+    p.add_argument("--reconstruct", action="store_true", help="block reconstruction on every cell")
     p.add_argument("--max-ppl-increase", type=float, default=0.25,
                    help="quality budget of the 'fastest within' goal (default %(default)s = 25%%)")
     p.add_argument("--dtype", default="auto", help="auto, float32, float16 or bfloat16")

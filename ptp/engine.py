@@ -603,18 +603,19 @@ class BlockHooks:
         ``twin`` must give them (activations on disk switch files here)."""
 
 
-def for_each_block(model, blocks, tokens: torch.Tensor, config: PruneConfig, device, desc: str, work,
-                   hooks: BlockHooks | None = None, report: PruneReport | None = None) -> None:
+def for_each_block(model, blocks, tokens: torch.Tensor, batch_size: int, device, desc: str, work,
+                   hooks: BlockHooks | None = None, report=None) -> None:
     """Capture the first block's inputs, then call ``work(i, block, hidden, batch_kwargs)`` for
     each block in order, with block i (alone) on ``device`` and ``hidden`` holding its inputs;
-    ``work`` must leave the block's outputs in ``hidden``. Everything goes back where it was.
+    ``work`` must leave the block's outputs in ``hidden``, and may replace ``blocks[i]`` (structured
+    pruning puts in a block of the smaller config). Everything goes back where it was.
     ``hooks`` (see ``BlockHooks``) may stream weights, keep activations on disk and resume."""
     hooks = hooks or BlockHooks()
     use_cache = getattr(model.config, "use_cache", None)
     home = next(blocks[0].parameters()).device
     move_outside_blocks(model, blocks, device)
     try:
-        hidden, batch_kwargs = capture_block_inputs(model, blocks, tokens, config.batch_size, device, hooks.alloc)
+        hidden, batch_kwargs = capture_block_inputs(model, blocks, tokens, batch_size, device, hooks.alloc)
         hidden, first = hooks.start(hidden, report)
         show = logger.getEffectiveLevel() <= logging.INFO
         for i in tqdm(range(first, len(blocks)), desc=desc, disable=not show, initial=first, total=len(blocks)):
@@ -622,6 +623,7 @@ def for_each_block(model, blocks, tokens: torch.Tensor, config: PruneConfig, dev
             hooks.load_block(i, block)
             block.to(device)
             work(i, block, hidden, batch_kwargs)
+            block = blocks[i]
             hooks.block_done(i, block, hidden, report)
             block.to(home)
     finally:
@@ -651,7 +653,7 @@ def outlier_shares(model, tokens, config: PruneConfig, device, all_layers) -> li
         scores = [weight_matrix(layers[n]).abs() * norms[g].norm for g in norms for n in g]
         shares.append(outlier_share(scores, config.owl_m))
 
-    for_each_block(model, blocks, tokens, config, device, "OWL outliers", measure)
+    for_each_block(model, blocks, tokens, config.batch_size, device, "OWL outliers", measure)
     return shares
 
 
@@ -708,22 +710,13 @@ def prune(model: nn.Module, batches, config: PruneConfig, hooks: BlockHooks | No
     tuning = config.reconstruct and config.recon_epochs > 0  # 0 epochs is the plain solver, bit for bit
     if tuning:
         check_reconstruction(tokens, config)
-    dense = {}  # reconstruction: the dense model's activations at the current block, beside the pruned ones
+    recon = Reconstruction(config, hooks, report.reconstruction) if tuning else None
 
     def prune_or_pass(i, block, hidden, batch_kwargs):
         tune = None
-        if tuning:
-            if "hidden" not in dense:
-                dense["hidden"] = hooks.dense_twin(hidden)
-            run_block(block, dense["hidden"], batch_kwargs, config.batch_size)  # -> the dense block's outputs
-            hooks.twin_written(dense["hidden"])
-
-            def tune(layers):
-                extra = [p for n, p in block.named_parameters() if p.dim() == 1 and "norm" in n.lower()]
-                report.reconstruction.append(tune_block(
-                    i, block, tunable_weights(layers), hidden, dense["hidden"], batch_kwargs, config.batch_size,
-                    epochs=config.recon_epochs, lr=config.recon_lr, step_batch=config.recon_batch,
-                    holdout=config.recon_holdout, extra=extra if config.recon_norms else []).to_dict())
+        if recon is not None:
+            recon.dense_forward(block, hidden, batch_kwargs)
+            tune = lambda layers: recon.tune(i, block, layers, hidden, batch_kwargs)  # noqa: E731
         if all_layers[i]:
             report.layers.extend(prune_block(block, all_layers[i], hidden, batch_kwargs, config, device,
                                              hooks.reduce, sparsities[i], tune))
@@ -731,8 +724,8 @@ def prune(model: nn.Module, batches, config: PruneConfig, hooks: BlockHooks | No
             run_block(block, hidden, batch_kwargs, config.batch_size)
         tally.add_block(i, block)
 
-    for_each_block(model, blocks, tokens, config, device, f"{config.method} {config.sparsity}", prune_or_pass,
-                   hooks, report)
+    for_each_block(model, blocks, tokens, config.batch_size, device, f"{config.method} {config.sparsity}",
+                   prune_or_pass, hooks, report)
     numel = sum(weight_matrix(layer).numel() for layers in all_layers for layer in layers.values())
     if numel:
         report.mean_sparsity = sum(layer.zeros for layer in report.layers) / numel
@@ -740,6 +733,35 @@ def prune(model: nn.Module, batches, config: PruneConfig, hooks: BlockHooks | No
     report.wall_time_s = time.perf_counter() - start
     log_accounting(report)
     return report
+
+
+class Reconstruction:
+    """Block reconstruction's share of the per-block loop (``ptp.reconstruct`` does the tuning):
+    the dense model's activations, carried through each block beside the pruned ones, and each
+    pruned block tuned towards them. One more forward of every block and a second activation
+    buffer [n, L, d] (``hooks.dense_twin``: in memory, or on disk with the pruned ones)."""
+
+    def __init__(self, config: PruneConfig, hooks: BlockHooks, records: list[dict]):
+        self.config, self.hooks, self.records = config, hooks, records
+        self.dense = None
+
+    def dense_forward(self, block: nn.Module, hidden, batch_kwargs) -> None:
+        """Before ``block`` is pruned: its dense outputs replace its dense inputs (``hidden``, the
+        pruned model's inputs, seeds them at the first block processed)."""
+        if self.dense is None:
+            self.dense = self.hooks.dense_twin(hidden)
+        run_block(block, self.dense, batch_kwargs, self.config.batch_size)
+        self.hooks.twin_written(self.dense)
+
+    def tune(self, index: int, block: nn.Module, layers: dict, hidden, batch_kwargs) -> None:
+        """After the block is pruned, before its outputs are written: ``layers`` (name -> unit) are
+        tuned with their zeros kept; the block's norm scales too with ``recon_norms``."""
+        config = self.config
+        extra = [p for n, p in block.named_parameters() if p.dim() == 1 and "norm" in n.lower()]
+        self.records.append(tune_block(
+            index, block, tunable_weights(layers), hidden, self.dense, batch_kwargs, config.batch_size,
+            epochs=config.recon_epochs, lr=config.recon_lr, step_batch=config.recon_batch,
+            holdout=config.recon_holdout, extra=extra if config.recon_norms else []).to_dict())
 
 
 def check_reconstruction(tokens: torch.Tensor, config: PruneConfig) -> None:

@@ -281,6 +281,13 @@ def measured_record(path: str | Path, verify: bool = True) -> dict:
     record = parse_record(file)
     if verify and file.name == RECORD:
         check_files(folder)
+    if "structured" in record:  # nothing is sparse: the record must describe the config on disk
+        config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
+        wrong = [k for k, v in record["structured"].get("config", {}).items() if config.get(k) != v]
+        if wrong:
+            raise ConfigError(f"{folder}: ptp.json says {wrong[0]} is {record['structured']['config'][wrong[0]]}, "
+                              f"config.json has {config.get(wrong[0])}: the record does not describe this model")
+        return record
     layers = layer_rows(record)
     zeros = stored_zeros(folder, [layer["name"] for layer in layers])
     for layer in layers:

@@ -71,8 +71,24 @@ def title(record: dict) -> str:
     return " · ".join(parts) or "ptp prune"
 
 
+def structured_lines(record: dict) -> list[str]:
+    """A structured pruning record: what shrank, and per block the output error of the
+    consumers of the removed channels (o_proj, down_proj)."""
+    info = record["structured"]
+    changes = ", ".join(f"{k} {v}" for k, v in info.get("config", {}).items()) or "nothing"
+    lines = [f"**{title(record)}** — removed {100 * info.get('removed', 0):.1f}% of the decoder blocks' "
+             f"parameters ({changes})", "",
+             "| block | attention output error | MLP output error |", "|---|---|---|"]
+    fmt = lambda e: "—" if e is None else f"{e:.4g}"  # noqa: E731
+    for b in info.get("blocks", []):
+        lines.append(f"| {b['block']} | {fmt(b['attention_error'])} | {fmt(b['mlp_error'])} |")
+    return lines
+
+
 def markdown(record: dict) -> str:
     """A header line for the run and a per-block table."""
+    if "structured" in record:
+        return "\n".join(structured_lines(record) + reconstruction_lines(record))
     rows = by_block(layer_rows(record))
     lines = [f"**{title(record)}**", "",
              "| block | layers | sparsity | mean rel. error | worst layer (error) | seconds |",
@@ -85,7 +101,7 @@ def markdown(record: dict) -> str:
 
 def reconstruction_lines(record: dict) -> list[str]:
     """Per block: the held-out output error before and after tuning, and which weights were kept."""
-    tunings = record.get("report", {}).get("reconstruction")
+    tunings = (record.get("report") or record.get("structured") or {}).get("reconstruction")
     if not tunings:
         return []
     lines = ["", "| block | held-out error, solver | held-out error, tuned | kept | train error first → last epoch | steps | seconds |",

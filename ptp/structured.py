@@ -38,16 +38,16 @@ import copy
 import inspect
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from torch import nn
 from torch.nn import functional as F
-from tqdm.auto import tqdm
 
-from .config import ConfigError
+from .config import ConfigError, PruneConfig
 from . import checks
-from .engine import move_outside_blocks, as_token_batch, capture_block_inputs, find_blocks, input_groups, run_block
+from .engine import (BlockHooks, Reconstruction, as_token_batch, check_reconstruction, find_blocks, for_each_block,
+                     input_groups, linear_layers, run_block)
 from .solvers.structured import (
     COMPENSATION,
     IMPORTANCE,
@@ -132,6 +132,7 @@ class StructuredReport:
     blocks: list[BlockReport] = field(default_factory=list)
     config: dict = field(default_factory=dict)  # the config keys that changed
     wall_time_s: float = 0.0
+    reconstruction: list[dict] = field(default_factory=list)  # with ``reconstruct``: as PruneReport's
 
     @property
     def removed(self) -> float:
@@ -812,6 +813,7 @@ def prune_structured(
     batch_size: int = 8,
     device: str | None = None,
     blocks: str | None = None,
+    tuning: PruneConfig | None = None,
 ) -> StructuredReport:
     """Remove about ``ratio`` of every decoder block's parameters, in place, as whole MLP channels,
     whole key/value groups of attention heads, and in mixture-of-experts blocks whole experts and
@@ -831,6 +833,9 @@ def prune_structured(
     compensation:  "ls" (least-squares update of the consumer, standard config), "bias" (FLAP's
                    mean-contribution bias; needs the bias in the architecture) or "none".
     damp:          relative dampening of the least-squares / OBS Hessian.
+    tuning:        a ``PruneConfig`` with ``reconstruct=True``: after each block is cut, tune its
+                   remaining weights towards the dense block's outputs, with that config's
+                   ``recon_*`` settings (see ``ptp.reconstruct``); its other fields are not used.
 
     >>> report = ptp.prune_structured(model, tokens, ratio=0.35)
     >>> model.config.intermediate_size, model.config.num_key_value_heads
@@ -841,7 +846,7 @@ def prune_structured(
     tokens = as_token_batch(batches)
     checks.check_token_ids(model, tokens)  # an id outside the vocabulary: one line, not an IndexError
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    _, layers = find_blocks(model, blocks)
+    blocks_name, layers = find_blocks(model, blocks)
     check_uniform(layers)
     config = model.config
     layout = head_layout(config)
@@ -849,50 +854,51 @@ def prune_structured(
     n_rep = heads // kv
     report = StructuredReport(ratio, importance, compensation, experts_ratio)
     report.block_params = (sum(p.numel() for p in layers.parameters()), 0)
+    recon = None
+    if tuning is not None and tuning.reconstruct and tuning.recon_epochs:
+        tuning = replace(tuning, batch_size=batch_size)  # the windows are batched as captured
+        check_reconstruction(tokens, tuning)
+        recon = Reconstruction(tuning, BlockHooks(), report.reconstruction)
+    plan: dict = {}  # from block 0: units, experts, plan, new config, biased kinds, templates
 
-    use_cache = getattr(config, "use_cache", None)
-    home = next(layers[0].parameters()).device
-    move_outside_blocks(model, layers, device)
-    try:
-        hidden, batch_kwargs = capture_block_inputs(model, layers, tokens, batch_size, device)
-        layers[0].to(device)
-        units, experts, plan, new_config, biased = _prepare(config, layers[0], hidden, batch_kwargs, layout, ratio,
-                                                            attn_ratio, experts_ratio, compensation)
-        mlp = next((u for u in units if u.kind == "mlp"), None)
-        mlp_width = in_width(layers[0].get_submodule(mlp.consumer)) if mlp else 0
-        new_kv = kv - plan.kv_groups
-        logger.info("structured %s/%s: KV groups %d -> %d, MLP %d -> %d%s", importance, compensation, kv, new_kv,
-                    mlp_width, mlp_width - plan.channels,
-                    f", experts {experts.count} -> {experts.count - plan.experts} of width {experts.width} -> "
-                    f"{experts.width - plan.expert_channels}" if experts else "")
+    def cut(i, block, hidden, batch_kwargs):
+        if i == 0:
+            units, experts, removal, new_config, biased = _prepare(config, block, hidden, batch_kwargs, layout, ratio,
+                                                                   attn_ratio, experts_ratio, compensation)
+            mlp = next((u for u in units if u.kind == "mlp"), None)
+            plan.update(units=units, experts=experts, removal=removal, new_config=new_config, biased=biased,
+                        mlp_width=in_width(block.get_submodule(mlp.consumer)) if mlp else 0)
+            plan["templates"], plan["template_config"] = pruned_templates(new_config)
+            logger.info("structured %s/%s: KV groups %d -> %d, MLP %d -> %d%s", importance, compensation, kv,
+                        kv - removal.kv_groups, plan["mlp_width"], plan["mlp_width"] - removal.channels,
+                        f", experts {experts.count} -> {experts.count - removal.experts} of width {experts.width} -> "
+                        f"{experts.width - removal.expert_channels}" if experts else "")
+        if recon is not None:
+            recon.dense_forward(block, hidden, batch_kwargs)
+        report.blocks.append(_prune_block(block, i, plan["units"], plan["experts"], plan["removal"], hidden,
+                                          batch_kwargs, batch_size, importance, compensation, damp, head_dim, n_rep,
+                                          plan["biased"], device))
+        layers[i] = block = rebuild_block(block, plan["templates"][i])
+        if recon is not None:
+            recon.tune(i, block, linear_layers(block, f"{blocks_name}.{i}", ()), hidden, batch_kwargs)
+        run_block(block, hidden, batch_kwargs, batch_size)  # the pruned block's outputs feed the next block
 
-        templates, template_config = pruned_templates(new_config)
-        show = logger.getEffectiveLevel() <= logging.INFO
-        for i in tqdm(range(len(layers)), desc=f"structured {ratio:g}", disable=not show):
-            block = layers[i].to(device)
-            report.blocks.append(_prune_block(block, i, units, experts, plan, hidden, batch_kwargs, batch_size,
-                                              importance, compensation, damp, head_dim, n_rep, biased, device))
-            layers[i] = block = rebuild_block(block, templates[i])
-            if i + 1 < len(layers):  # the pruned block's outputs, in place, feed the next block
-                run_block(block, hidden, batch_kwargs, batch_size)
-            block.to(home)
-    finally:
-        move_outside_blocks(model, layers, home)
-        if use_cache is not None:
-            model.config.use_cache = use_cache
+    for_each_block(model, layers, tokens, batch_size, device, f"structured {ratio:g}", cut)
+    units, experts, removal, new_config = plan["units"], plan["experts"], plan["removal"], plan["new_config"]
+    mlp_width, new_kv = plan["mlp_width"], kv - removal.kv_groups
 
     before = config.to_dict()
     report.config = {k: v for k, v in new_config.to_dict().items() if k not in before or before[k] != v}
     for key, value in report.config.items():
         setattr(config, key, value)
     for module in layers.modules():  # the rebuilt blocks read the model's (now updated) config, as after loading
-        if getattr(module, "config", None) is template_config:
+        if getattr(module, "config", None) is plan["template_config"]:
             module.config = config
-    report.intermediate = (mlp_width, mlp_width - plan.channels)
+    report.intermediate = (mlp_width, mlp_width - removal.channels)
     report.heads, report.kv_heads = (heads, new_kv * n_rep), (kv, new_kv)
     if experts:
-        report.experts = (experts.count, experts.count - plan.experts)
-        report.expert_intermediate = (experts.width, experts.width - plan.expert_channels)
+        report.experts = (experts.count, experts.count - removal.experts)
+        report.expert_intermediate = (experts.width, experts.width - removal.expert_channels)
     report.block_params = (report.block_params[0], sum(p.numel() for p in layers.parameters()))
     report.wall_time_s = time.perf_counter() - start
     if report.removed < ratio - 0.05:  # e.g. an MLP-only family asked for more than its MLP holds

@@ -217,8 +217,10 @@ def run_sweep(config: SweepConfig) -> Sweep:
         try:
             prune_config = None if cell["method"] == "structured" else PruneConfig(
                 method=cell["method"], sparsity=cell["pattern"], reconstruct=config.reconstruct)
+            structured = {"tuning": PruneConfig(reconstruct=True)} if config.reconstruct else {}
             job = Job(config.model, prune=prune_config,
                       structured_ratio=float(cell["pattern"]) if prune_config is None else None,
+                      structured_options=structured if prune_config is None else {},
                       calib=config.calib, nsamples=config.nsamples, seqlen=config.seqlen, seed=config.seed,
                       out=str(out / "cells" / cell["name"]), format="dense" if prune_config is None else "compressed",
                       overwrite=True)

@@ -142,3 +142,58 @@ def test_cli_reconstruct_records_each_block_in_ptp_json(tmp_path, capsys):
     assert record["config"]["reconstruct"] is True
     assert main(["report", str(out)]) == 0
     assert "held-out error, solver" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- structured pruning, same loop
+
+
+def _logit_error(dense, model, ids) -> float:
+    with torch.no_grad():
+        a, b = dense(ids).logits, model(ids).logits
+    return float((a - b).pow(2).sum() / a.pow(2).sum())
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "opt"])
+def test_structured_reconstruction_tunes_the_cut_blocks_towards_dense(family):
+    calib, held_out = tokens(32, 32), tokens(8, 32, seed=9)
+    dense, plain, tuned = tiny_model(family), tiny_model(family), tiny_model(family)
+    ptp.prune_structured(plain, calib, 0.35, batch_size=4)
+    report = ptp.prune_structured(tuned, calib, 0.35, batch_size=4, tuning=config(recon_lr=1e-4, recon_holdout=4))
+    assert plain.config.to_dict() == tuned.config.to_dict()  # the same cut, the same smaller config
+    assert {k: v.shape for k, v in plain.state_dict().items()} == {k: v.shape for k, v in tuned.state_dict().items()}
+    assert [t["block"] for t in report.reconstruction] == list(range(tuned.config.num_hidden_layers))
+    assert any(t["kept"] == "tuned" for t in report.reconstruction)
+    for t in report.reconstruction:
+        assert (t["kept"] == "tuned") == (t["heldout_after"] < t["heldout_before"])
+    assert report.to_dict()["reconstruction"] == report.reconstruction
+    assert _logit_error(dense, tuned, held_out) < _logit_error(dense, plain, held_out)
+
+
+def test_structured_zero_epochs_and_no_tuning_are_the_plain_cut_bit_for_bit():
+    calib = tokens(16, 32)
+    plain, zero = tiny_model("llama"), tiny_model("llama")
+    ptp.prune_structured(plain, calib, 0.35, batch_size=4)
+    report = ptp.prune_structured(zero, calib, 0.35, batch_size=4, tuning=config(recon_epochs=0))
+    assert report.reconstruction == []
+    for key, tensor in plain.state_dict().items():
+        assert torch.equal(zero.state_dict()[key], tensor), key
+
+
+def test_cli_structured_reconstruct_is_recorded_and_reported(tmp_path, capsys):
+    import json
+
+    from ptp.cli import main
+    from tests.lm_dirs import save_model_dir, write_text
+
+    src, out = save_model_dir(tmp_path / "m"), tmp_path / "out"
+    assert main(["prune", str(src), "--method", "structured", "--ratio", "0.35", "--calib",
+                 str(write_text(tmp_path / "calib.txt")), "--nsamples", "8", "--seqlen", "16", "--reconstruct",
+                 "--recon-epochs", "2", "--recon-holdout", "2", "--out", str(out), "-q"]) == 0
+    record = json.loads((out / "ptp.json").read_text())
+    assert len(record["structured"]["reconstruction"]) == 2 and record["arguments"]["reconstruct"] is True
+    capsys.readouterr()
+    assert main(["report", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "held-out error, solver" in text and "| block | attention output error | MLP output error |" in text
+    assert text.count("\n| 1 |") == 2  # block 1 in both tables
+    assert main(["report", str(out), "--plot"]) == 2  # no per-layer sparsity to draw: one line, exit 2
