@@ -374,6 +374,32 @@ print('fallback ok')
     assert proc.stderr.count("sparse runtime: torch kernels") == 1
 
 
+@needs_kernels
+def test_a_variant_that_does_not_compile_leaves_the_others_working(tmp_path):
+    """A compiler that rejects the AVX-512 flags (an old one): that unit is left out with a
+    warning, and the library still loads and runs the AVX2 (or scalar) kernels."""
+    code = """
+import logging, torch
+logging.basicConfig(level=logging.INFO)
+from ptp.sparse import build
+build.UNITS = [(src, flags + ['-mno-such-flag'] if src == 'avx512.cpp' else flags, macro)
+               for src, flags, macro in build.UNITS]
+from ptp.sparse import SparseLinear, kernels
+assert kernels.library() is not None and not kernels.supported('avx512')
+layer = torch.nn.Linear(40, 24)
+with torch.no_grad():
+    layer.weight[:, ::2] = 0
+sparse = SparseLinear.from_linear(layer)
+x = torch.randn(3, 40)
+assert torch.allclose(sparse(x), layer(x), atol=1e-5)
+print('isa', kernels.selected_isa())
+"""
+    proc = run_python(code, {"PTP_SPARSE_CACHE": str(tmp_path / "cache")})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stderr.count("avx512.cpp left out") == 1
+    assert f"isa {'avx2' if K.supported('avx2') else 'scalar'}" in proc.stdout
+
+
 def test_the_runtime_never_imports_the_pruning_engine():
     for file in (REPO / "ptp" / "sparse").glob("*.py"):
         for node in ast.walk(ast.parse(file.read_text())):

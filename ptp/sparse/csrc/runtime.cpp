@@ -36,6 +36,23 @@ bool supported(int isa) {
   }
 }
 
+}  // namespace
+
+// A variant the build left out (its flags do not compile here) is never selected — supported()
+// says no — but the dispatch below still names it, and a library with an undefined symbol would
+// not load at all, taking the variants that did compile down with it.
+#ifdef PTP_NO_AVX2
+void matmul_avx2(const Job&, int64_t, int64_t) { __builtin_trap(); }
+void unpack_avx2(const Job&, int64_t, int64_t, int64_t, float*, int64_t) { __builtin_trap(); }
+#endif
+#ifdef PTP_NO_AVX512
+void matmul_avx512(const Job&, int64_t, int64_t) { __builtin_trap(); }
+void unpack_avx512(const Job&, int64_t, int64_t, int64_t, float*, int64_t) { __builtin_trap(); }
+void unpack_bf16_avx512(const Job&, int64_t, int64_t, int64_t, uint16_t*, int64_t) { __builtin_trap(); }
+#endif
+
+namespace {
+
 // A persistent pool. A job is `chunks` pieces of work claimed one at a time from one atomic
 // ticket (generation: 24 bits | chunks: 20 bits | next chunk: 20 bits — one word, so a late
 // thread can never pair one job's count with another's ticket), so a thread that the OS keeps off a busy core simply
