@@ -240,11 +240,6 @@ def run_prune_stream(args, config: PruneConfig, budget: int | None, start: float
     return 0
 
 
-def _seqlen(given: int | None, limit: int | None) -> int:
-    """--seqlen, or 2048 capped at the model's maximum positions (0 is a value, not "unset")."""
-    return given if given is not None else min(2048, limit or 2048)
-
-
 def _check_counts(args) -> None:
     """--nsamples and --seqlen, before the model is loaded (which takes minutes on large models):
     positive, and --seqlen within the positions of a local model directory's config.json (a GGUF
@@ -515,7 +510,7 @@ def _check_eval_args(args) -> None:
 
 
 def run_eval(args) -> int:
-    from . import evaluate
+    from . import evaluate, pipeline
 
     _check_eval_args(args)
     _quiet_libraries(args)
@@ -528,8 +523,7 @@ def run_eval(args) -> int:
         evaluate.check_source(source)
     model, tokenizer = _load_for_eval(args, args.model, args.runtime)
     dense = _load_for_eval(args, args.compare)[0] if args.compare else None
-    limit = getattr(model.config, "max_position_embeddings", None) or 2048
-    seqlen = _seqlen(args.seqlen, limit)
+    seqlen = pipeline.default_seqlen(model, args.seqlen)  # GPT-2's n_positions too
     evaluate.check_seqlen(model, seqlen)
     progress = not args.quiet
     summary: dict = {"model": args.model, "seqlen": seqlen, "limit": args.limit, "perplexity": {}}

@@ -112,3 +112,10 @@ def test_bad_input_exits_2_with_one_line(dirs, capsys, argv, message):
     assert main(argv + ["-q"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("ptp: error:") and message in err and "\n" not in err
+
+
+def test_eval_default_window_is_the_models_positions(dirs, tmp_path, capsys):
+    """No --seqlen: 2048 capped at the model's positions (GPT-2's n_positions here), not an error."""
+    gpt2 = save_model_dir(tmp_path / "gpt2", family="gpt2", max_positions=32)
+    summary = run_json(["eval", str(gpt2), "--ppl", str(dirs / "text.txt"), "--limit", "2", "--json", "-q"], capsys)
+    assert summary["seqlen"] == 32 and summary["perplexity"][str(dirs / "text.txt")] > 1
