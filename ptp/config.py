@@ -107,7 +107,7 @@ class PruneConfig:
     owl_lambda: float = 0.08
     reconstruct: bool = False
     recon_epochs: int = 4
-    recon_lr: float = 3e-4
+    recon_lr: float = 1e-3  # chosen on held-out calibration windows: scripts/probe_reconstruction.py
     recon_batch: int = 4
     recon_holdout: int = 4
     recon_norms: bool = False

@@ -84,8 +84,9 @@ def run_one(method: str, sparsity: str, data: Path, args) -> dict:
         calib = random_windows(stream(tokenizer, data / "valid.tokens.txt"), args.nsamples, args.seqlen, args.seed)
         spec, _, profile = sparsity.partition("+")
         config = ptp.PruneConfig(method=method, sparsity=spec, true_sequential=args.true_sequential,
-                                 profile=profile or None, reconstruct=args.reconstruct, recon_lr=args.recon_lr,
-                                 recon_epochs=args.recon_epochs)
+                                 profile=profile or None, reconstruct=args.reconstruct,
+                                 **{k: v for k, v in (("recon_lr", args.recon_lr), ("recon_epochs", args.recon_epochs))
+                                    if v is not None})
         report = ptp.prune(model, calib, config)
         row.update(prune_s=report.wall_time_s, achieved=report.mean_sparsity, masks=mask_digest(model))
         if report.reconstruction:
@@ -156,8 +157,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--true-sequential", action="store_true")
     parser.add_argument("--reconstruct", action="store_true", help="block reconstruction after each block")
-    parser.add_argument("--recon-lr", type=float, default=3e-4)
-    parser.add_argument("--recon-epochs", type=int, default=4)
+    parser.add_argument("--recon-lr", type=float, default=None, help="default: PruneConfig's")
+    parser.add_argument("--recon-epochs", type=int, default=None, help="default: PruneConfig's")
     parser.add_argument("--agreement", action="store_true",
                         help="also KL(dense||pruned) and top-1 on the test windows and on 8 x 512 self-sampled tokens")
     parser.add_argument("--json", action="store_true", help="print one JSON object per row")
@@ -173,8 +174,9 @@ def main() -> None:
                "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--seed", str(args.seed)]
         cmd += ["--true-sequential"] if args.true_sequential else []
         cmd += ["--no-eval"] if args.no_eval else []
-        cmd += ["--reconstruct", "--recon-lr", str(args.recon_lr), "--recon-epochs", str(args.recon_epochs)] \
-            if args.reconstruct else []
+        cmd += ["--reconstruct"] if args.reconstruct else []
+        cmd += [f"--{k.replace('_', '-')}={v}" for k, v in (("recon_lr", args.recon_lr), ("recon_epochs", args.recon_epochs))
+                if v is not None]
         cmd += ["--agreement"] if args.agreement else []
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         rows.append(json.loads(out.strip().splitlines()[-1]))

@@ -9,7 +9,9 @@ first 32 windows of 1024 tokens of the WikiText-2 raw test split.
     # speed of the saved model against dense, measured interleaved in one process (ptp.bench)
     ptp bench /tmp/smol-s35 --compare smollm2-135m
 
-Options select the importance (flap, wanda-sp, obs) and compensation (ls, bias, none).
+Options select the importance (flap, wanda-sp, obs) and compensation (ls, bias, none);
+``--reconstruct`` tunes each cut block towards the dense one (``--recon-lr``, ``--recon-epochs``),
+``--agreement`` adds KL / top-1 against the dense model, as ``reproduce_core.py`` reports them.
 """
 
 from __future__ import annotations
@@ -37,7 +39,13 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=32, help="perplexity windows of 1024 tokens")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default=None, help="save the pruned model here")
+    parser.add_argument("--reconstruct", action="store_true", help="block reconstruction after each cut")
+    parser.add_argument("--recon-lr", type=float, default=None)
+    parser.add_argument("--recon-epochs", type=int, default=None)
+    parser.add_argument("--agreement", action="store_true", help="KL / top-1 against dense, on test and self text")
     args = parser.parse_args()
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from reproduce_core import self_text
 
     import ptp
     from ptp.data import random_windows
@@ -50,8 +58,13 @@ def main() -> None:
     if args.ratio > 0:
         text = (args.data / "valid.tokens.txt").read_text(encoding="utf-8")
         calib = random_windows(tokenizer(text, return_tensors="pt").input_ids, args.nsamples, args.seqlen, args.seed)
+        recon = {k: v for k, v in (("recon_lr", args.recon_lr), ("recon_epochs", args.recon_epochs)) if v is not None}
+        tuning = ptp.PruneConfig(reconstruct=True, **recon) if args.reconstruct else None
         report = ptp.prune_structured(model, calib, args.ratio, attn_ratio=args.attn_ratio, importance=args.importance,
-                                      compensation=args.compensation, damp=args.damp, device=args.device)
+                                      compensation=args.compensation, damp=args.damp, device=args.device,
+                                      tuning=tuning)
+        if report.reconstruction:
+            row["blocks_tuned"] = sum(t["kept"] == "tuned" for t in report.reconstruction)
         row.update(removed=report.removed, config=report.config, prune_s=report.wall_time_s,
                    mean_mlp_error=_mean(b.mlp_error for b in report.blocks),
                    mean_attention_error=_mean(b.attention_error for b in report.blocks))
@@ -59,6 +72,14 @@ def main() -> None:
     test = tokenizer((args.data / "test.raw.txt").read_text(encoding="utf-8"), return_tensors="pt").input_ids
     start = time.perf_counter()
     row["ppl"] = perplexity_of_tokens(model, test, 1024, limit=args.limit, progress=False)
+    if args.agreement and args.ratio > 0:
+        from ptp.evaluate import compare_on_tokens
+
+        dense = ptp.load_model("smollm2-135m", dtype="float32")[0]
+        agree = compare_on_tokens(model, dense, test, 1024, limit=args.limit, progress=False)
+        row.update(kl_test=agree.kl, top1_test=agree.top1)
+        agree = compare_on_tokens(model, dense, self_text(dense, tokenizer).reshape(1, -1), 512, progress=False)
+        row.update(kl_self=agree.kl, top1_self=agree.top1)
     row["eval_s"] = time.perf_counter() - start
     if args.out:
         ptp.save(model.to("cpu"), tokenizer, args.out, meta={"structured": row}, overwrite=True)
