@@ -27,6 +27,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import ptp
+from ptp.sweep import weight_bytes
 
 PROMPTS = ["What is the capital of France?", "Give me three tips for staying healthy."]
 WIDTH = 48
@@ -101,6 +102,9 @@ def main() -> None:
     same = [answer(sparse, tokenizer, p, args.new_tokens) for p in PROMPTS] == pruned
     dense_tps, sparse_tps = (tokens_per_s(m, tokenizer, args.new_tokens) for m in (reloaded, sparse))
     print(f"sparse runtime (ptp.load(DIR, runtime='sparse')): same answers as the dense-stored model: {same}")
+    mib = [weight_bytes(m) / 2**20 for m in (reloaded, sparse)]
+    print(f"weights in memory: dense-stored {mib[0]:.0f} MiB, sparse runtime {mib[1]:.0f} MiB ({mib[1] / mib[0]:.2f}x; "
+          f"on disk, --format compressed stores the same packed weights)")
     print(f"greedy decode, batch 1, {args.new_tokens} tokens: dense-stored {dense_tps:.1f} tok/s, "
           f"sparse runtime {sparse_tps:.1f} tok/s ({sparse_tps / dense_tps:.2f}x; the tied 49152-row head stays dense)")
     print(f"wall time: {time.perf_counter() - start:.0f} s (pruning {report.wall_time_s:.0f} s)")
