@@ -197,3 +197,13 @@ def test_cli_structured_reconstruct_is_recorded_and_reported(tmp_path, capsys):
     assert "held-out error, solver" in text and "| block | attention output error | MLP output error |" in text
     assert text.count("\n| 1 |") == 2  # block 1 in both tables
     assert main(["report", str(out), "--plot"]) == 2  # no per-layer sparsity to draw: one line, exit 2
+
+
+def test_cli_refuses_reconstruct_with_several_processes_before_launching(tmp_path, capsys):
+    from ptp.cli import main
+    from tests.lm_dirs import save_model_dir, write_text
+
+    src, out = save_model_dir(tmp_path / "m"), tmp_path / "out"
+    assert main(["prune", str(src), "--sparsity", "0.5", "--calib", str(write_text(tmp_path / "calib.txt")),
+                 "--reconstruct", "--nproc", "2", "--out", str(out), "-q"]) == 2
+    assert "--reconstruct runs in one process" in capsys.readouterr().err and not out.exists()
