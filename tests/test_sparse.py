@@ -14,6 +14,7 @@ import torch
 import ptp
 from ptp.config import ConfigError
 from ptp.sparse import SparseLinear, format as F, kernels as K, sparsify
+from ptp.sparse.module import DenseLinear
 from tests.lm_dirs import REPO, run_python, tiny_model, tiny_tokenizer
 
 PATTERNS = ["0.3", "0.5", "0.7", "2:4", "4:8"]
@@ -261,9 +262,41 @@ def test_converted_tiny_llama_generates_the_same_greedy_tokens(pattern):
     dense_logits = model(calib).logits
     names = sparsify(model)
     assert len(names) == 14 and isinstance(model.model.layers[1].mlp.down_proj, SparseLinear)
-    assert isinstance(model.lm_head, torch.nn.Linear)  # tied to the embeddings: stays dense
+    # Tied to the embeddings, the head stays dense — on ptp's GEMV, holding the very same tensor.
+    assert isinstance(model.lm_head, DenseLinear) and model.lm_head.weight is model.model.embed_tokens.weight
     assert torch.equal(model.generate(ids, max_new_tokens=16, do_sample=False), dense_tokens)
     assert torch.allclose(model(calib).logits, dense_logits, atol=1e-4, rtol=1e-4)
+
+
+@needs_kernels
+@pytest.mark.parametrize("isa", ISAS)
+def test_dense_gemv_agrees_with_the_reference_and_torch(monkeypatch, isa):
+    isa_env(monkeypatch, isa)
+    torch.manual_seed(0)
+    for out, inp in [*SHAPES, (6, 16), (9, 576)]:  # rows not a multiple of the 4-row block, odd tails
+        w, b = torch.randn(out, inp), torch.randn(out)
+        for tokens in (1, 2, 5, 16):
+            x = torch.randn(tokens, inp)
+            for bias in (None, b):
+                y = K.dense_linear(w, x, bias)
+                want = torch.nn.functional.linear(x.double(), w.double(), None if bias is None else bias.double())
+                assert torch.allclose(y.double(), want, rtol=1e-5, atol=1e-5 * inp ** 0.5), (isa, out, inp, tokens)
+                assert torch.allclose(y, K.dense_linear(w, x, bias, isa="scalar"), rtol=1e-5, atol=1e-5 * inp ** 0.5)
+
+
+@needs_kernels
+def test_dense_head_uses_torch_above_the_small_batch_and_under_autograd():
+    layer = torch.nn.Linear(40, 24)
+    head = DenseLinear(layer)
+    x = torch.randn(K.SMALL_BATCH + 1, 40)
+    assert torch.equal(head(x), layer(x))  # prefill: torch's own call, bit for bit
+    y = head(x[:1])
+    y.sum().backward()  # gradients on: F.linear, so they reach the shared weight
+    assert layer.weight.grad is not None
+    with torch.no_grad():
+        assert torch.allclose(head(x[:3]), layer(x[:3]), atol=1e-5)
+    with pytest.raises(ValueError, match="contiguous fp32"):
+        K.dense_linear(layer.weight.detach().bfloat16(), x[:1])
 
 
 # --------------------------------------------------------------------------- loading

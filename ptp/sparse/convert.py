@@ -14,7 +14,7 @@ from torch import nn
 
 from ..config import ConfigError
 from .format import pack, pack_compressed
-from .module import SparseLinear
+from .module import DenseLinear, SparseLinear
 
 log = logging.getLogger("ptp.sparse")
 
@@ -52,8 +52,18 @@ def sparsify(model: nn.Module, min_sparsity: float = MIN_SPARSITY, skip: tuple[s
             continue
         _replace(model, name, SparseLinear.from_linear(module, transposed=_is_conv1d(module), name=name))
         done.append(name)
-    log.info("sparse runtime: %d linear layers packed", len(done))
+    log.info("sparse runtime: %d linear layers packed%s", len(done), _dense_head(model))
     return done
+
+
+def _dense_head(model: nn.Module) -> str:
+    """Put an fp32 LM head (left dense) on ptp's GEMV; returns what to add to the log line."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if type(head) is not nn.Linear or head.weight.dtype != torch.float32 or head.weight.device.type != "cpu":
+        return ""
+    name = next(n for n, m in model.named_modules() if m is head)
+    _replace(model, name, DenseLinear(head))
+    return f"; the dense fp32 head {name} runs on ptp's GEMV"
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -105,9 +115,10 @@ def load_sparse(folder: str | Path, dtype: torch.dtype | None = None) -> nn.Modu
     if unexpected or left:
         raise ConfigError(f"{folder}: checkpoint does not fit the model: unexpected {unexpected[:5]}, "
                           f"not loaded {left[:5]}")
-    log.info("sparse runtime: %d linear layers loaded packed from %s", len(compressed), folder)
     model = model.eval()
-    return model.to(dtype) if dtype is not None else model
+    model = model.to(dtype) if dtype is not None else model
+    log.info("sparse runtime: %d linear layers loaded packed from %s%s", len(compressed), folder, _dense_head(model))
+    return model
 
 
 @contextlib.contextmanager

@@ -58,6 +58,7 @@ def library() -> ctypes.CDLL | None:
     lib.ptp_sparse_matmul.argtypes = [i32, i32, i32, ptr, ptr, ptr, i64, i64, i64, ptr, i32, i64, ptr, ptr, i32]
     lib.ptp_sparse_unpack.argtypes = [i32, i32, i32, ptr, ptr, ptr, i64, i64, i64, i64, i64, ptr, i32, i64, i32]
     lib.ptp_sparse_set_spin_us.argtypes = [i32]
+    lib.ptp_dense_matmul.argtypes = [i32, ptr, i64, i64, ptr, i64, ptr, ptr, i32]
     return lib
 
 
@@ -180,6 +181,24 @@ def dense_bf16_matmul(values: torch.Tensor, shape: tuple[int, int], x: torch.Ten
     _check(library().ptp_sparse_matmul(ISAS[isa], VTYPES[torch.bfloat16], 1, None, None, values.data_ptr(), out, inp,
                                        words, x.data_ptr(), int(bf16), x.shape[0], y.data_ptr(), None,
                                        threads or torch.get_num_threads()))
+    return y
+
+
+def dense_linear(weight: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None = None,
+                 isa: str | None = None, threads: int | None = None) -> torch.Tensor:
+    """x [T, in] -> y [T, out] = x @ W.T + bias for a dense row-major fp32 weight [out, in] — the
+    tensor an ``nn.Linear`` holds, read in place — by ptp's GEMV (for the layers a pruned model
+    keeps dense, e.g. the LM head: torch's fp32 GEMV reads a weight well below the bandwidth the
+    sparse kernels reach). Returns fp32; needs the C kernels (not ``isa="torch"``)."""
+    isa = isa or selected_isa()
+    if isa == "torch" or weight.dtype != torch.float32 or not weight.is_contiguous():
+        raise ValueError("dense_linear runs contiguous fp32 weights on the C kernels")
+    out, inp = weight.shape
+    x = x.to(torch.float32).contiguous()
+    bias = None if bias is None else bias.to(torch.float32).contiguous()
+    y = torch.empty(x.shape[0], out, dtype=torch.float32)
+    _check(library().ptp_dense_matmul(ISAS[isa], weight.data_ptr(), out, inp, x.data_ptr(), x.shape[0], y.data_ptr(),
+                                      0 if bias is None else bias.data_ptr(), threads or torch.get_num_threads()))
     return y
 
 

@@ -1,9 +1,11 @@
-"""``SparseLinear``: a drop-in ``nn.Linear`` whose weight lives in the packed format."""
+"""``SparseLinear``: a drop-in ``nn.Linear`` whose weight lives in the packed format; and
+``DenseLinear``: a kept-dense fp32 ``nn.Linear`` (the LM head) on ptp's own GEMV."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from . import kernels
 from .format import PackedWeight, pack, unpack, validate
@@ -63,3 +65,29 @@ class SparseLinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"values={str(self.values.dtype).replace('torch.', '')}, "
                 f"sparsity={1 - nnz / (self.in_features * self.out_features):.3f}")
+
+
+class DenseLinear(nn.Module):
+    """An fp32 ``nn.Linear`` that a pruned model keeps dense (the LM head), run by ptp's row-major
+    GEMV for up to ``kernels.SMALL_BATCH`` tokens — decode, where torch's fp32 GEMV reads the
+    weight at about half the bandwidth the sparse kernels reach — and by ``F.linear`` otherwise
+    (prefill, gradients, other devices). It holds the linear's own ``weight`` and ``bias``
+    parameters, not copies, so a head tied to the embeddings stays tied and costs no memory.
+    """
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight, self.bias = linear.weight, linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = x.numel() // self.in_features
+        if (tokens > kernels.SMALL_BATCH or x.device.type != "cpu" or self.weight.dtype != torch.float32
+                or not self.weight.is_contiguous() or (torch.is_grad_enabled() and self.weight.requires_grad)
+                or kernels.selected_isa() == "torch"):
+            return F.linear(x, self.weight, self.bias)
+        y = kernels.dense_linear(self.weight, x.reshape(-1, self.in_features), self.bias)
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, dense fp32"

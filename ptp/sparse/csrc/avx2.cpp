@@ -218,4 +218,31 @@ void unpack_avx2(const Job& j, int64_t t0, int64_t t1, int64_t tbase, float* dst
   }
 }
 
+// As gemv_avx512, eight lanes wide; a row's tail is summed in scalar.
+void gemv_avx2(const DenseJob& d, int64_t r0, int64_t r1) {
+  const int64_t full = d.in / 8 * 8;
+  constexpr int R = 4;
+  for (int64_t r = r0; r < r1; r += R) {
+    const int rows = int(std::min<int64_t>(R, r1 - r));
+    const float* w[R];
+    for (int q = 0; q < R; ++q) w[q] = d.w + (r + std::min(q, rows - 1)) * d.in;
+    for (int64_t k = 0; k < d.ntok; ++k) {
+      const float* x = d.x + k * d.in;
+      __m256 acc[R];
+      for (int q = 0; q < R; ++q) acc[q] = _mm256_setzero_ps();
+      for (int64_t i = 0; i < full; i += 8) {
+        const __m256 xv = _mm256_loadu_ps(x + i);
+        for (int q = 0; q < R; ++q) acc[q] = _mm256_fmadd_ps(_mm256_loadu_ps(w[q] + i), xv, acc[q]);
+      }
+      for (int q = 0; q < rows; ++q) {
+        alignas(32) float a[8];
+        _mm256_store_ps(a, acc[q]);
+        float sum = ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
+        for (int64_t i = full; i < d.in; ++i) sum += w[q][i] * x[i];
+        d.y[k * d.out + r + q] = sum + (d.bias ? d.bias[r + q] : 0.0f);
+      }
+    }
+  }
+}
+
 }  // namespace ptp

@@ -42,10 +42,12 @@ bool supported(int isa) {
 // says no — but the dispatch below still names it, and a library with an undefined symbol would
 // not load at all, taking the variants that did compile down with it.
 #ifdef PTP_NO_AVX2
+void gemv_avx2(const DenseJob&, int64_t, int64_t) { __builtin_trap(); }
 void matmul_avx2(const Job&, int64_t, int64_t) { __builtin_trap(); }
 void unpack_avx2(const Job&, int64_t, int64_t, int64_t, float*, int64_t) { __builtin_trap(); }
 #endif
 #ifdef PTP_NO_AVX512
+void gemv_avx512(const DenseJob&, int64_t, int64_t) { __builtin_trap(); }
 void matmul_avx512(const Job&, int64_t, int64_t) { __builtin_trap(); }
 void unpack_avx512(const Job&, int64_t, int64_t, int64_t, float*, int64_t) { __builtin_trap(); }
 void unpack_bf16_avx512(const Job&, int64_t, int64_t, int64_t, uint16_t*, int64_t) { __builtin_trap(); }
@@ -198,6 +200,23 @@ int ptp_sparse_unpack(int isa, int vtype, int dense, const int32_t* masks, const
     if (isa == AVX512) return unpack_avx512(j, a, b, t0, d32, ld);
     if (isa == AVX2) return unpack_avx2(j, a, b, t0, d32, ld);
     unpack_scalar(j, a, b, t0, d32, ld);
+  });
+  return 0;
+}
+
+// y[ntok, out] = x[ntok, in] @ W.T (+ bias) for a dense row-major fp32 W [out, in] (all
+// contiguous fp32). Returns 0, or -1 for an ISA this CPU (or this build) lacks.
+int ptp_dense_matmul(int isa, const float* w, int64_t out, int64_t in, const float* x, int64_t ntok, float* y,
+                     const float* bias, int nthreads) {
+  if (!supported(isa)) return -1;
+  DenseJob d{w, out, in, x, ntok, y, bias};
+  if (out * in * ntok < (int64_t(1) << 17)) nthreads = 1;
+  const int64_t blocks = (out + 3) / 4, step = 4 * piece(blocks, nthreads);  // rows per piece, whole blocks of 4
+  pool().run(nthreads, (out + step - 1) / step, [&](int64_t c) {
+    int64_t r0 = c * step, r1 = std::min(out, r0 + step);
+    if (isa == AVX512) return gemv_avx512(d, r0, r1);
+    if (isa == AVX2) return gemv_avx2(d, r0, r1);
+    gemv_scalar(d, r0, r1);
   });
   return 0;
 }

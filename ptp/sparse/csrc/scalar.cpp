@@ -63,4 +63,16 @@ void unpack_bf16_scalar(const Job& j, int64_t t0, int64_t t1, int64_t tbase, uin
   unpack_tiles(j, t0, t1, tbase, dst, ld, [&](int64_t i) { return static_cast<const uint16_t*>(j.values)[i]; });
 }
 
+void gemv_scalar(const DenseJob& d, int64_t r0, int64_t r1) {
+  for (int64_t k = 0; k < d.ntok; ++k) {
+    const float* x = d.x + k * d.in;
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* w = d.w + r * d.in;
+      float sum = 0.0f;
+      for (int64_t i = 0; i < d.in; ++i) sum += w[i] * x[i];
+      d.y[k * d.out + r] = sum + (d.bias ? d.bias[r] : 0.0f);
+    }
+  }
+}
+
 }  // namespace ptp

@@ -44,6 +44,20 @@ void unpack_avx512(const Job& j, int64_t t0, int64_t t1, int64_t tbase, float* d
 void unpack_bf16_scalar(const Job& j, int64_t t0, int64_t t1, int64_t tbase, uint16_t* dst, int64_t ld);
 void unpack_bf16_avx512(const Job& j, int64_t t0, int64_t t1, int64_t tbase, uint16_t* dst, int64_t ld);
 
+// Row-major dense fp32 weights, for the layers a pruned model keeps dense (the LM head):
+// y[k * out + r] = W[r, :] . x[k, :] (+ bias[r]) for rows r0..r1 and all ntok tokens.
+struct DenseJob {
+  const float* w;  // [out, in] row-major, as nn.Linear stores it
+  int64_t out, in;
+  const float* x;  // [ntok, in]
+  int64_t ntok;
+  float* y;        // [ntok, out]
+  const float* bias;  // [out] or nullptr
+};
+void gemv_scalar(const DenseJob& d, int64_t r0, int64_t r1);
+void gemv_avx2(const DenseJob& d, int64_t r0, int64_t r1);
+void gemv_avx512(const DenseJob& d, int64_t r0, int64_t r1);
+
 // Value conversions shared by the kernels (bit-exact; fp16 handles subnormals, inf and NaN).
 inline float bf16_to_f32(uint16_t h) {
   uint32_t u = uint32_t(h) << 16;
