@@ -12,7 +12,7 @@ next to the dense model's. Last, it is loaded once more with ptp's sparse runtim
 and greedy decode tokens/s of the dense-stored and the sparse-runtime model are printed. The
 same run from the command line:
 
-    ptp prune smollm2-135m --method sparsegpt --sparsity 0.5 --calib self --reconstruct \
+    ptp prune smollm2-135m --method sparsegpt --sparsity 0.5 --calib self --reconstruct --recon-lr 3e-4 \
         --nsamples 64 --seqlen 128 --out out/demo-smollm2-50 --overwrite
 """
 
@@ -77,7 +77,7 @@ def main() -> None:
     model, tokenizer = ptp.load_model("smollm2-135m")
     dense = [answer(model, tokenizer, p, args.new_tokens) for p in PROMPTS]
     tokens = ptp.calibration_batches("self", tokenizer, args.nsamples, args.seqlen, seed=0, model=model)
-    config = ptp.PruneConfig(method="sparsegpt", sparsity="0.5", reconstruct=True)
+    config = ptp.PruneConfig(method="sparsegpt", sparsity="0.5", reconstruct=True, recon_lr=3e-4)  # as measured for the README
     report = ptp.prune(model, tokens, config)
     meta = {"model": "smollm2-135m", "method": config.method, "config": config.to_dict(),
             "calibration": {"source": "self", "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": 0}}
