@@ -168,8 +168,9 @@ def run_prune(args) -> int:
         recon_batch=args.recon_batch, recon_holdout=args.recon_holdout, recon_norms=args.recon_norms,
     )
     if args.reconstruct and args.nproc > 1:
-        raise ConfigError("--reconstruct runs in one process: each process would tune the block on its own "
-                          "windows and the copies would differ; drop --nproc")
+        from .engine import RECONSTRUCT_ONE_PROCESS
+
+        raise ConfigError(RECONSTRUCT_ONE_PROCESS)
     if args.format not in ("dense", "compressed"):
         raise ConfigError(f"unknown format {args.format!r}; choose dense or compressed")
     budget = scale.parse_size(args.act_budget)

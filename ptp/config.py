@@ -136,6 +136,11 @@ class PruneConfig:
             raise ConfigError("reconstruct and true_sequential cannot be combined: true-sequential overwrites "
                               "the block's inputs while it prunes, and reconstruction needs them")
 
+    @property
+    def tunes_blocks(self) -> bool:
+        """Block reconstruction will run (0 epochs is the plain solver, bit for bit)."""
+        return self.reconstruct and self.recon_epochs > 0
+
     def _check_profile(self) -> None:
         if self.profile is None:
             return

@@ -707,10 +707,9 @@ def prune(model: nn.Module, batches, config: PruneConfig, hooks: BlockHooks | No
     report = PruneReport(config.method, str(config.sparsity))
 
     tally = WeightTally(find_blocks(model, config.blocks)[0], config.skip)
-    tuning = config.reconstruct and config.recon_epochs > 0  # 0 epochs is the plain solver, bit for bit
-    if tuning:
+    if config.tunes_blocks:
         check_reconstruction(tokens, config)
-    recon = Reconstruction(config, hooks, report.reconstruction) if tuning else None
+    recon = Reconstruction(config, hooks, report.reconstruction) if config.tunes_blocks else None
 
     def prune_or_pass(i, block, hidden, batch_kwargs):
         tune = None
@@ -764,13 +763,16 @@ class Reconstruction:
             holdout=config.recon_holdout, extra=extra if config.recon_norms else []).to_dict())
 
 
+RECONSTRUCT_ONE_PROCESS = ("--reconstruct runs in one process: each process would tune the block on its own "
+                           "windows and the copies would differ; drop --nproc")
+
+
 def check_reconstruction(tokens: torch.Tensor, config: PruneConfig) -> None:
     """Refuse, before any work, a reconstruction that cannot run as asked."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        raise ConfigError("--reconstruct runs in one process: each process would tune the block on its own "
-                          "windows and the copies would differ; drop --nproc")
+        raise ConfigError(RECONSTRUCT_ONE_PROCESS)
     if tokens.shape[0] <= config.recon_holdout:
         raise ConfigError(f"reconstruction holds out {config.recon_holdout} calibration windows and needs more "
                           f"than that; got {tokens.shape[0]} (raise nsamples or lower recon_holdout)")

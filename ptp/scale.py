@@ -610,7 +610,7 @@ class Stream(Distributed):
     # ---------------------------------------------------------------- hooks called by engine.prune
 
     def alloc(self, shape, dtype, device):
-        nbytes = math.prod(shape) * dtype.itemsize * (2 if self.config.reconstruct else 1)  # + the dense twin
+        nbytes = math.prod(shape) * dtype.itemsize * (2 if self.config.tunes_blocks else 1)  # + the dense twin
         if self.act_budget is None or nbytes <= self.act_budget:
             return super().alloc(shape, dtype, device)
         self.activations = "disk"

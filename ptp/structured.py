@@ -855,7 +855,7 @@ def prune_structured(
     report = StructuredReport(ratio, importance, compensation, experts_ratio)
     report.block_params = (sum(p.numel() for p in layers.parameters()), 0)
     recon = None
-    if tuning is not None and tuning.reconstruct and tuning.recon_epochs:
+    if tuning is not None and tuning.tunes_blocks:
         tuning = replace(tuning, batch_size=batch_size)  # the windows are batched as captured
         check_reconstruction(tokens, tuning)
         recon = Reconstruction(tuning, BlockHooks(), report.reconstruction)
