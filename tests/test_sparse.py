@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -431,6 +432,42 @@ print('isa', kernels.selected_isa())
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stderr.count("avx512.cpp left out") == 1
     assert f"isa {'avx2' if K.supported('avx2') else 'scalar'}" in proc.stdout
+
+
+@needs_kernels
+def test_a_compiler_without_openmp_builds_a_serial_library(tmp_path):
+    """A compiler that rejects -fopenmp: one warning, and the kernels still give the right
+    answer on shapes that would be split across threads."""
+    real = shutil.which("g++") or shutil.which("c++")
+    wrapper = tmp_path / "cxx"
+    wrapper.write_text(f'#!/bin/sh\nfor a in "$@"; do [ "$a" = -fopenmp ] && exit 1; done\nexec {real} "$@"\n')
+    wrapper.chmod(0o755)
+    code = """
+import logging, torch
+logging.basicConfig(level=logging.INFO)
+torch.set_num_threads(2)
+from ptp.sparse import SparseLinear, kernels
+assert kernels.library() is not None
+layer = torch.nn.Linear(512, 520)
+with torch.no_grad():
+    layer.weight[:, ::2] = 0
+x = torch.randn(3, 512)
+assert torch.allclose(SparseLinear.from_linear(layer)(x), layer(x), atol=1e-4)
+print('serial ok')
+"""
+    proc = run_python(code, {"CXX": str(wrapper), "PTP_SPARSE_CACHE": str(tmp_path / "cache")})
+    assert proc.returncode == 0 and "serial ok" in proc.stdout, proc.stderr[-2000:]
+    assert proc.stderr.count("cannot build with OpenMP") == 1
+
+
+@needs_kernels
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs /proc")
+def test_the_kernels_run_on_torchs_own_openmp_runtime():
+    """One libgomp in the process after the library loads — torch's — so the kernels' threads
+    are torch's threads (two pools on the same cores took turns between every op)."""
+    K.library()
+    gomp = {line.split()[-1] for line in Path("/proc/self/maps").read_text().splitlines() if "libgomp" in line}
+    assert len(gomp) <= 1, gomp
 
 
 def test_the_runtime_never_imports_the_pruning_engine():

@@ -76,12 +76,18 @@ def library_path() -> Path:
                 left_out.append(f"-D{macro}")
                 continue
             objects.append(str(obj))
-        runtime = Path(tmp) / "runtime.o"
-        err = _run([cxx, *COMMON, *left_out, "-c", str(CSRC / "runtime.cpp"), "-o", str(runtime)])
-        err = err or _run([cxx, "-shared", "-o", str(Path(tmp) / "lib.so"), *objects, str(runtime), "-lpthread"])
+        runtime, lib = Path(tmp) / "runtime.o", Path(tmp) / "lib.so"
+        for threading in (["-fopenmp"], []):  # OpenMP: torch's thread pool (see runtime.cpp)
+            err = _run([cxx, *COMMON, *threading, *left_out, "-c", str(CSRC / "runtime.cpp"), "-o", str(runtime)])
+            err = err or _run([cxx, "-shared", "-o", str(lib), *objects, str(runtime), *threading])
+            if not err:
+                break
+            if threading:
+                log.warning("sparse runtime: %s cannot build with OpenMP (%s); the kernels will run on one thread",
+                            cxx, err)
         if err:
             raise BuildError(f"building the sparse runtime failed: {err}")
-        os.replace(Path(tmp) / "lib.so", target)  # atomic: a concurrent build wins or loses whole
+        os.replace(lib, target)  # atomic: a concurrent build wins or loses whole
     log.info("sparse runtime: built %s", target)
     return target
 

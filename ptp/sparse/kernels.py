@@ -57,7 +57,6 @@ def library() -> ctypes.CDLL | None:
     lib.ptp_sparse_supported.argtypes = [i32]
     lib.ptp_sparse_matmul.argtypes = [i32, i32, i32, ptr, ptr, ptr, i64, i64, i64, ptr, i32, i64, ptr, ptr, i32]
     lib.ptp_sparse_unpack.argtypes = [i32, i32, i32, ptr, ptr, ptr, i64, i64, i64, i64, i64, ptr, i32, i64, i32]
-    lib.ptp_sparse_set_spin_us.argtypes = [i32]
     lib.ptp_dense_matmul.argtypes = [i32, ptr, i64, i64, ptr, i64, ptr, ptr, i32]
     return lib
 
@@ -96,8 +95,11 @@ def matmul(packed: PackedWeight, x: torch.Tensor, bias: torch.Tensor | None = No
     bf16 x and bf16 values, else fp32 (x and bias are converted to contiguous fp32 unless so)."""
     isa = isa or selected_isa()
     out, inp = packed.shape
-    bf16 = x.dtype == torch.bfloat16 and packed.dtype == torch.bfloat16
-    x = x.contiguous() if bf16 else x.to(torch.float32).contiguous()
+    bf16 = x.dtype == torch.bfloat16 and packed.values.dtype == torch.bfloat16
+    if not (bf16 or x.dtype == torch.float32):
+        x = x.to(torch.float32)
+    if not x.is_contiguous():
+        x = x.contiguous()
     if isa == "torch":
         from .format import unpack
 
@@ -106,7 +108,8 @@ def matmul(packed: PackedWeight, x: torch.Tensor, bias: torch.Tensor | None = No
     threads = threads or torch.get_num_threads()
     if x.shape[0] > SMALL_BATCH:
         return _prefill(packed, x, bias, isa, threads)
-    bias = None if bias is None else bias.to(torch.float32).contiguous()
+    if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
+        bias = bias.to(torch.float32).contiguous()
     y = torch.empty(x.shape[0], out, dtype=torch.float32)
     _check(library().ptp_sparse_matmul(
         ISAS[isa], VTYPES[packed.dtype], 0, packed.masks.data_ptr(), packed.offsets.data_ptr(),

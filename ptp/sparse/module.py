@@ -47,7 +47,16 @@ class SparseLinear(nn.Module):
 
     @property
     def packed(self) -> PackedWeight:
-        return PackedWeight((self.out_features, self.in_features), self.masks, self.offsets, self.values)
+        # Built once and reused while the buffers are the same tensors (decode calls every layer
+        # once per token, and building it costs as much as a small layer's kernel); a buffer that
+        # was replaced (``model.to``, assignment) gives a new one.
+        buffers, cached = self._buffers, self.__dict__.get("_packed")
+        if (cached is None or cached.masks is not buffers["masks"] or cached.offsets is not buffers["offsets"]
+                or cached.values is not buffers["values"]):
+            cached = PackedWeight((self.out_features, self.in_features), buffers["masks"], buffers["offsets"],
+                                  buffers["values"])
+            self.__dict__["_packed"] = cached
+        return cached
 
     def dense_weight(self) -> torch.Tensor:
         """The dense [out, in] weight (zeros where pruned), in the values' dtype."""
@@ -56,9 +65,8 @@ class SparseLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu":
             raise RuntimeError("SparseLinear runs on CPU only (the packed kernels are CPU kernels)")
-        lead = x.shape[:-1]
         y = kernels.matmul(self.packed, x.reshape(-1, self.in_features), self.bias)
-        return y.to(x.dtype).reshape(*lead, self.out_features)
+        return (y if y.dtype == x.dtype else y.to(x.dtype)).view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         nnz = int(self.offsets[-1])

@@ -1,14 +1,9 @@
 // The plain C ABI loaded by ptp/sparse/kernels.py through ctypes, the CPU-feature dispatch, and
-// a small persistent thread pool (threads split the row tiles into contiguous ranges).
+// the threading (OpenMP pieces of row tiles).
 #include <algorithm>
 #include <atomic>
-#include <chrono>
-#include <condition_variable>
 #include <cstring>
 #include <functional>
-#include <immintrin.h>
-#include <mutex>
-#include <thread>
 #include <vector>
 
 #include "sparse.h"
@@ -55,75 +50,24 @@ void unpack_bf16_avx512(const Job&, int64_t, int64_t, int64_t, uint16_t*, int64_
 
 namespace {
 
-// A persistent pool. A job is `chunks` pieces of work claimed one at a time from one atomic
-// ticket (generation: 24 bits | chunks: 20 bits | next chunk: 20 bits — one word, so a late
-// thread can never pair one job's count with another's ticket), so a thread that the OS keeps off a busy core simply
-// claims fewer pieces instead of holding everyone up; run() returns once every piece is done.
-// Workers spin for a while after a job (during decode the next linear layer follows within
-// microseconds), then sleep on a condition variable so an idle process costs nothing.
-class Pool {
- public:
-  void run(int threads, int64_t chunks, const std::function<void(int64_t)>& fn) {
-    if (threads <= 1 || chunks <= 1 || chunks >= (1 << 20)) {
-      for (int64_t c = 0; c < chunks; ++c) fn(c);
-      return;
-    }
-    while (int(threads_.size()) < threads - 1) threads_.emplace_back([this] { loop(); });
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      fn_ = &fn;
-      done_.store(0, std::memory_order_relaxed);
-      gen_ = (gen_ + 1) & 0xFFFFFFu;
-      ticket_.store(gen_ << 40 | uint64_t(chunks) << 20, std::memory_order_release);
-    }
-    cv_.notify_all();
-    work(gen_);
-    while (done_.load(std::memory_order_acquire) != chunks) _mm_pause();
+// Runs fn(0..chunks-1) on `threads` threads of OpenMP — torch's own libgomp, which the process
+// has loaded before this library (glibc binds our libgomp.so.1 to it by soname), so the kernels
+// share torch's threads instead of fighting them: on 2 cores a private pool's spinning workers
+// and torch's took turns on the cores between every op of a decode step (SmolLM2 2:4 decode
+// 1.11-1.17x -> 1.42-1.45x the faster dense model, scripts/bench_sparse.py smollm2, 3 runs
+// each, alternated). Pieces are claimed from one atomic counter, so a thread the OS keeps off
+// a busy core simply takes fewer. Only GOMP_parallel is used (OpenMP 4.0), which every libgomp
+// torch ships has. Built without OpenMP (a compiler without it), the pieces run serially.
+void run(int threads, int64_t chunks, const std::function<void(int64_t)>& fn) {
+#ifdef _OPENMP
+  if (threads > 1 && chunks > 1) {
+    std::atomic<int64_t> next{0};
+#pragma omp parallel num_threads(threads)
+    for (int64_t c = next.fetch_add(1); c < chunks; c = next.fetch_add(1)) fn(c);
+    return;
   }
-  void set_spin_us(int us) { spin_us_ = us; }
-
- private:
-  // Claims and runs pieces of generation `gen` until none is left.
-  void work(uint64_t gen) {
-    for (;;) {
-      uint64_t v = ticket_.load(std::memory_order_acquire);
-      if (v >> 40 != gen) return;
-      int64_t next = int64_t(v & 0xFFFFFu), chunks = int64_t(v >> 20 & 0xFFFFFu);
-      if (next >= chunks) return;
-      if (!ticket_.compare_exchange_weak(v, v + 1, std::memory_order_acq_rel)) continue;
-      (*fn_)(next);
-      done_.fetch_add(1, std::memory_order_acq_rel);
-    }
-  }
-  void loop() {
-    uint64_t seen = 0;
-    for (;;) {
-      auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(spin_us_);
-      int tries = 0;
-      while (ticket_.load(std::memory_order_acquire) >> 40 == seen) {
-        _mm_pause();
-        if (++tries % 256 == 0 && std::chrono::steady_clock::now() > until) {
-          std::unique_lock<std::mutex> lock(mu_);
-          cv_.wait(lock, [&] { return ticket_.load(std::memory_order_acquire) >> 40 != seen; });
-        }
-      }
-      seen = ticket_.load(std::memory_order_acquire) >> 40;
-      work(seen);
-    }
-  }
-  std::vector<std::thread> threads_;
-  std::mutex mu_;
-  std::condition_variable cv_;
-  std::atomic<uint64_t> ticket_{0};
-  std::atomic<int64_t> done_{0};
-  uint64_t gen_ = 0;
-  const std::function<void(int64_t)>* fn_ = nullptr;
-  int spin_us_ = 50;
-};
-
-Pool& pool() {
-  static Pool* p = new Pool();  // never destroyed: its threads may still wait at exit
-  return *p;
+#endif
+  for (int64_t c = 0; c < chunks; ++c) fn(c);
 }
 
 // Pieces of about 4 per thread (at least 2 tiles each): small enough to even out a thread
@@ -140,8 +84,6 @@ using namespace ptp;
 extern "C" {
 
 int ptp_sparse_supported(int isa) { return supported(isa) ? 1 : 0; }
-
-void ptp_sparse_set_spin_us(int us) { pool().set_spin_us(us); }
 
 // y[ntok, out] = x[ntok, in] @ W.T (+ bias). x: contiguous fp32, or bf16 when xbf16 != 0; y,
 // bias: contiguous fp32. dense != 0: values hold every cell in full (32 per word;
@@ -172,7 +114,7 @@ int ptp_sparse_matmul(int isa, int vtype, int dense, const int32_t* masks, const
   // Below ~128K multiply-adds, waking a second thread costs more than it saves.
   if (out * in * ntok < (int64_t(1) << 17)) nthreads = 1;
   const int64_t tiles = (out + ROWS - 1) / ROWS, step = piece(tiles, nthreads);
-  pool().run(nthreads, (tiles + step - 1) / step, [&](int64_t c) {
+  run(nthreads, (tiles + step - 1) / step, [&](int64_t c) {
     int64_t t0 = c * step, t1 = std::min(tiles, t0 + step);
     if (isa == AVX512) return matmul_avx512(j, t0, t1);
     if (isa == AVX2) return matmul_avx2(j, t0, t1);
@@ -194,7 +136,7 @@ int ptp_sparse_unpack(int isa, int vtype, int dense, const int32_t* masks, const
   const int64_t tiles = t1 - t0, step = piece(tiles, nthreads);
   float* d32 = static_cast<float*>(dst);
   uint16_t* d16 = static_cast<uint16_t*>(dst);
-  pool().run(nthreads, (tiles + step - 1) / step, [&](int64_t c) {
+  run(nthreads, (tiles + step - 1) / step, [&](int64_t c) {
     int64_t a = t0 + c * step, b = std::min(t1, a + step);
     if (bf16_out) return isa == AVX512 ? unpack_bf16_avx512(j, a, b, t0, d16, ld) : unpack_bf16_scalar(j, a, b, t0, d16, ld);
     if (isa == AVX512) return unpack_avx512(j, a, b, t0, d32, ld);
@@ -212,7 +154,7 @@ int ptp_dense_matmul(int isa, const float* w, int64_t out, int64_t in, const flo
   DenseJob d{w, out, in, x, ntok, y, bias};
   if (out * in * ntok < (int64_t(1) << 17)) nthreads = 1;
   const int64_t blocks = (out + 3) / 4, step = 4 * piece(blocks, nthreads);  // rows per piece, whole blocks of 4
-  pool().run(nthreads, (out + step - 1) / step, [&](int64_t c) {
+  run(nthreads, (out + step - 1) / step, [&](int64_t c) {
     int64_t r0 = c * step, r1 = std::min(out, r0 + step);
     if (isa == AVX512) return gemv_avx512(d, r0, r1);
     if (isa == AVX2) return gemv_avx2(d, r0, r1);
