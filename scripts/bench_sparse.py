@@ -3,11 +3,12 @@
     python scripts/bench_sparse.py kernels              # ptp bench --kernels, the full grid
     python scripts/bench_sparse.py llama                # synthetic ~1.1B Llama, 50% magnitude, bf16
     python scripts/bench_sparse.py smollm2              # SmolLM2-135M, 2:4 magnitude, fp32
+    python scripts/bench_sparse.py moe                  # synthetic ~1.2B Mixtral, 50% magnitude, bf16
 
 End to end: greedy decode with a KV cache at batch 1 (``ptp.bench.throughput``: prompt prefilled
 untimed, then ``--new-tokens`` single-token steps timed, models interleaved, medians), the
 pruned model stored dense in bf16 and in fp32 against the same model on the sparse runtime.
-Resident memory: bytes of the decoder blocks' linear weights, dense vs packed.
+Resident memory: bytes of the decoder blocks' linear weights (and expert stacks), dense vs packed.
 """
 
 from __future__ import annotations
@@ -25,18 +26,25 @@ import ptp
 from ptp.bench import throughput
 from ptp.solvers import magnitude
 from ptp.sparse import SparseLinear, sparsify
+from ptp.sparse.module import SparseExperts
+from ptp.units import routes_tokens
 from ptp.sparse import bench as kbench
 
 log = logging.getLogger("bench_sparse")
 
 
 def prune_linears(model: nn.Module, spec: str) -> None:
-    """Magnitude-prune every linear layer of the decoder blocks in place (data-free)."""
+    """Magnitude-prune every linear layer and every expert of a fused stack ([E, out, in]) of the
+    decoder blocks in place (data-free); routers stay dense."""
     sparsity = ptp.parse_sparsity(spec)
     with torch.no_grad():
         for name, module in model.named_modules():
             if isinstance(module, nn.Linear) and ".layers." in name:
                 module.weight.copy_(magnitude(module.weight, sparsity)[0])
+            if is_experts(module):
+                for stack in module.parameters(recurse=False):
+                    for expert in stack if stack.dim() == 3 else ():
+                        expert.copy_(magnitude(expert, sparsity)[0])
 
 
 def linear_bytes(model: nn.Module) -> int:
@@ -44,11 +52,19 @@ def linear_bytes(model: nn.Module) -> int:
     for name, m in model.named_modules():
         if ".layers." not in name:
             continue
-        if isinstance(m, SparseLinear):
-            total += m.masks.nbytes + m.offsets.nbytes + m.values.nbytes
+        if isinstance(m, (SparseLinear, SparseExperts)):
+            total += sum(b.nbytes for b in m.buffers(recurse=False))
         elif isinstance(m, nn.Linear):
             total += m.weight.nbytes
+        elif is_experts(m):
+            total += sum(p.nbytes for p in m.parameters(recurse=False) if p.dim() == 3)
     return total
+
+
+def is_experts(module: nn.Module) -> bool:
+    """A fused experts module, dense (3-D parameters) or on the runtime (SparseExperts children)."""
+    return routes_tokens(module) and (any(p.dim() == 3 for p in module.parameters(recurse=False))
+                                      or any(isinstance(c, SparseExperts) for c in module.children()))
 
 
 def step_shares(model: nn.Module, new_tokens: int) -> str:
@@ -66,7 +82,8 @@ def step_shares(model: nn.Module, new_tokens: int) -> str:
 
     handles = []
     for name, m in model.named_modules():
-        key = "head" if name == "lm_head" else "linears" if isinstance(m, (SparseLinear, nn.Linear)) else None
+        linear = isinstance(m, (SparseLinear, nn.Linear)) or is_experts(m)
+        key = "head" if name == "lm_head" else "linears" if linear else None
         if key:
             pre, post = timer(key)
             handles += [m.register_forward_pre_hook(pre), m.register_forward_hook(post)]
@@ -127,6 +144,22 @@ def smollm2(args) -> None:
     end_to_end(model, args.new_tokens, args.repeats)
 
 
+def moe(args) -> None:
+    from transformers import AutoModelForCausalLM, MixtralConfig
+
+    # Mixtral's layout at a size this machine holds three copies of: 16 blocks 1024 wide,
+    # 8 experts of width 2816, top-2 routing (a quarter of the expert weights read per token).
+    config = MixtralConfig(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=16,
+                           num_attention_heads=16, num_key_value_heads=4, num_local_experts=8,
+                           num_experts_per_tok=2, max_position_embeddings=2048)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
+    log.info("synthetic Mixtral: %.2fB parameters (dense experts: transformers' default %s)",
+             sum(p.numel() for p in model.parameters()) / 1e9, model.config._experts_implementation)
+    prune_linears(model, "0.5")
+    end_to_end(model, args.new_tokens, args.repeats)
+
+
 def kernels(args) -> None:
     rows = kbench.kernel_bench(repeats=args.repeats)
     print(kbench.markdown(rows))
@@ -134,7 +167,7 @@ def kernels(args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=("kernels", "llama", "smollm2"))
+    parser.add_argument("what", choices=("kernels", "llama", "smollm2", "moe"))
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()

@@ -4,18 +4,20 @@ converter, loading a compressed checkpoint straight into the packed form, and th
 from __future__ import annotations
 
 import ast
+import copy
 import json
 import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 import ptp
 from ptp.config import ConfigError
 from ptp.sparse import SparseLinear, format as F, kernels as K, sparsify
-from ptp.sparse.module import DenseLinear
+from ptp.sparse.module import DenseLinear, SparseExperts
 from tests.lm_dirs import REPO, run_python, tiny_model, tiny_tokenizer
 
 PATTERNS = ["0.3", "0.5", "0.7", "2:4", "4:8"]
@@ -332,6 +334,65 @@ def test_load_with_the_sparse_runtime(tmp_path, fmt):
     assert isinstance(dense.model.layers[0].self_attn.q_proj, SparseLinear)
     with pytest.raises(ConfigError, match="unknown runtime"):
         ptp.load(folder, runtime="fast")
+
+
+@needs_kernels
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe"])
+def test_a_pruned_moe_model_runs_its_expert_stacks_packed(family, tmp_path):
+    """Every fused expert stack goes onto the runtime (in memory, and straight from a compressed
+    checkpoint), holds the pruned stack bit for bit, and the model generates the dense-zero
+    model's greedy tokens."""
+    from tests.test_moe import moe_model
+    from tests.tiny import tokens
+
+    model = moe_model(family)
+    report = ptp.prune(model, tokens(4, 16), ptp.PruneConfig(method="wanda", sparsity="2:4"))
+    ptp.save(model, None, tmp_path / "out", report=report, sparsity="2:4", format="compressed")
+    in_memory = copy.deepcopy(model)
+    names = sparsify(in_memory)
+    stacks = {n: p for n, p in model.named_parameters() if p.dim() == 3}
+    assert stacks and set(stacks) <= set(names)
+    ids = torch.randint(0, model.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(1))
+    expected = model.generate(ids, max_new_tokens=8, do_sample=False)
+    for runtime in (in_memory, ptp.load(tmp_path / "out", runtime="sparse")):
+        assert not [n for n, p in runtime.named_parameters() if p.dim() == 3]  # no dense stack left behind
+        for name, stack in stacks.items():
+            packed = runtime.get_submodule(name)
+            assert isinstance(packed, SparseExperts) and torch.equal(packed.dense_weight(), stack.detach()), name
+        assert torch.equal(runtime.generate(ids, max_new_tokens=8, do_sample=False), expected)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_experts_multiply_like_their_slices_in_either_layout(dtype):
+    """[E, out, in] stacks through F.linear, [E, in, out] ones (gpt-oss) through x @ w, any
+    leading shape; any other use of a packed expert is refused by name."""
+    stack = torch.stack([pruned_weight((24, 40), "0.5", seed=e) for e in range(3)]).to(dtype)
+    x = torch.randn(2, 5, 40).to(dtype)
+    upright = SparseExperts.from_stack(stack)
+    lying = SparseExperts.from_stack(stack.transpose(1, 2).contiguous(), transposed=True)
+    assert torch.equal(lying.dense_weight(), stack.transpose(1, 2))
+    for e in range(3):
+        want = reference(x.reshape(-1, 40).float(), stack[e].float()).float().reshape(2, 5, 24)
+        for got in (torch.nn.functional.linear(x, upright[torch.tensor(e)]), x @ lying[e], torch.matmul(x, lying[e])):
+            assert got.dtype == dtype and got.shape == (2, 5, 24)
+            assert torch.allclose(got.float(), want, atol=TOL[dtype] * 10, rtol=TOL[dtype])
+    with pytest.raises(TypeError, match="supports F.linear"):
+        torch.mm(x[0], upright[0])
+    with pytest.raises(IndexError):
+        upright[3]
+
+
+def test_a_compressed_expert_stack_that_does_not_add_up_is_refused():
+    """Experts of 15 x 23 weights: every expert but the first starts mid-byte in the bitmask."""
+    stack = torch.stack([pruned_weight((15, 23), "0.5", seed=e) for e in range(3)])
+    bits, values = torch.from_numpy(np.packbits((stack != 0).reshape(-1).numpy())), stack[stack != 0]
+    packed = F.pack_compressed_experts(values, bits, (3, 15, 23))
+    assert all(torch.equal(F.unpack(p), stack[e]) for e, p in enumerate(packed))
+    with pytest.raises(ConfigError, match="values but its mask keeps"):
+        F.pack_compressed_experts(values[:-1], bits, (3, 15, 23))
+    with pytest.raises(ConfigError, match="stack needs"):
+        F.pack_compressed_experts(values, bits[:-1], (3, 15, 23))
 
 
 PEAK = """

@@ -1,20 +1,23 @@
-"""Swap the pruned linear layers of a model for ``SparseLinear``: a model in memory
-(``sparsify``), or a ptp checkpoint on disk (``load_sparse``; a ``--format compressed`` one goes
-straight from its kept values and bitmask to the packed form, never building a dense weight)."""
+"""Swap the pruned linear layers of a model for ``SparseLinear``, and its pruned fused expert
+stacks for ``SparseExperts``: a model in memory (``sparsify``), or a ptp checkpoint on disk
+(``load_sparse``; a ``--format compressed`` one goes straight from its kept values and bitmask
+to the packed form, never building a dense weight)."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import logging
+import types
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from ..config import ConfigError
-from .format import pack, pack_compressed
-from .module import DenseLinear, SparseLinear
+from ..units import routes_tokens, stacked_transposed
+from .format import pack, pack_compressed, pack_compressed_experts
+from .module import DenseLinear, SparseExperts, SparseLinear
 
 log = logging.getLogger("ptp.sparse")
 
@@ -52,8 +55,39 @@ def sparsify(model: nn.Module, min_sparsity: float = MIN_SPARSITY, skip: tuple[s
             continue
         _replace(model, name, SparseLinear.from_linear(module, transposed=_is_conv1d(module), name=name))
         done.append(name)
-    log.info("sparse runtime: %d linear layers packed%s", len(done), _dense_head(model))
-    return done
+    stacks = []
+    for name, module, param_name in _expert_stacks(model):
+        full = f"{name}.{param_name}"
+        stack = getattr(module, param_name).detach()
+        if any(full == s or full.endswith("." + s) for s in skip) or stack.device.type != "cpu":
+            continue
+        if float((stack == 0).float().mean()) < min_sparsity:
+            continue
+        _put_stack(module, param_name, SparseExperts.from_stack(stack, stacked_transposed(module, stack), name=full))
+        stacks.append(full)
+    log.info("sparse runtime: %d linear layers%s packed%s", len(done),
+             f" and {len(stacks)} expert stacks" if stacks else "", _dense_head(model))
+    return done + stacks
+
+
+def _expert_stacks(model: nn.Module):
+    """(module name, experts module, parameter name) of every fused [E, a, b] expert parameter:
+    a 3-D parameter of a module whose forward takes the routing decision (as ``ptp.units`` finds
+    the experts it prunes)."""
+    for name, module in list(model.named_modules()):
+        if routes_tokens(module):
+            for param_name, param in list(module.named_parameters(recurse=False)):
+                if param.dim() == 3:
+                    yield name, module, param_name
+
+
+def _put_stack(module: nn.Module, param_name: str, stack: SparseExperts) -> None:
+    """Put ``stack`` where ``module``'s fused parameter was, and run the module's own eager
+    per-expert loop — transformers' experts decorator may otherwise pick a grouped-GEMM path
+    that takes the whole 3-D tensor, which a packed stack is not."""
+    module._parameters.pop(param_name, None)
+    setattr(module, param_name, stack)
+    module.forward = types.MethodType(getattr(type(module).forward, "__wrapped__", type(module).forward), module)
 
 
 def _dense_head(model: nn.Module) -> str:
@@ -105,6 +139,13 @@ def load_sparse(folder: str | Path, dtype: torch.dtype | None = None) -> nn.Modu
         # one layer's stored bytes are resident next to the packed model.
         with safe_open(str(file), framework="pt") as f:
             values, bits = f.get_tensor(f"{key}:values"), f.get_tensor(f"{key}:mask")
+        if len(info["shape"]) == 3:  # a fused expert stack, stored whole as [E * out, in] rows
+            module_name, _, param_name = key.rpartition(".")
+            experts = pack_compressed_experts(values, bits, info["shape"])
+            del values, bits
+            _put_stack(model.get_submodule(module_name), param_name,
+                       SparseExperts(experts, bool(info.get("transposed")), name=key))
+            continue
         name = key.removesuffix(".weight")
         packed = pack_compressed(values, bits, info["shape"])
         del values, bits
@@ -117,7 +158,7 @@ def load_sparse(folder: str | Path, dtype: torch.dtype | None = None) -> nn.Modu
                           f"not loaded {left[:5]}")
     model = model.eval()
     model = model.to(dtype) if dtype is not None else model
-    log.info("sparse runtime: %d linear layers loaded packed from %s%s", len(compressed), folder, _dense_head(model))
+    log.info("sparse runtime: %d pruned weights loaded packed from %s%s", len(compressed), folder, _dense_head(model))
     return model
 
 

@@ -110,14 +110,44 @@ def pack_compressed(values: torch.Tensor, bits: torch.Tensor, shape: tuple[int, 
     at a time, so the dense [out, in] weight never exists."""
     out, inp = (int(s) for s in shape)
     bits_np = bits.numpy()
-    values = values.reshape(-1)
     if bits_np.size != -(-out * inp // 8):
         raise ConfigError(f"compressed mask holds {bits_np.size} bytes, a [{out}, {inp}] weight needs {-(-out * inp // 8)}")
+    values = values.reshape(-1)
     keep_all = np.unpackbits(bits_np, count=out * inp).reshape(out, inp)  # 1 byte/weight, uint8
-    per_row = keep_all.sum(1, dtype=np.int64)
-    if int(per_row.sum()) != values.numel():
-        raise ConfigError(f"compressed weight has {values.numel()} values but its mask keeps {int(per_row.sum())}")
-    starts = np.concatenate([[0], np.cumsum(per_row)])
+    if int(keep_all.sum(dtype=np.int64)) != values.numel():
+        raise ConfigError(f"compressed weight has {values.numel()} values but its mask keeps "
+                          f"{int(keep_all.sum(dtype=np.int64))}")
+    return _pack_keep(values, keep_all)
+
+
+def pack_compressed_experts(values: torch.Tensor, bits: torch.Tensor, shape: tuple[int, int, int]) -> list[PackedWeight]:
+    """``pack_compressed`` for a fused expert stack stored whole ([E * out, in] rows, as
+    ``ptp.io.compress_dir`` writes it): one PackedWeight per expert, each unpacking only its own
+    bits, so at most one expert's mask is expanded at a time."""
+    experts, out, inp = (int(s) for s in shape)
+    bits_np, values = bits.numpy(), values.reshape(-1)
+    if bits_np.size != -(-experts * out * inp // 8):
+        raise ConfigError(f"compressed mask holds {bits_np.size} bytes, a [{experts}, {out}, {inp}] stack needs "
+                          f"{-(-experts * out * inp // 8)}")
+    packed, at = [], 0
+    for e in range(experts):
+        first, last = e * out * inp, (e + 1) * out * inp  # this expert's bits, from any bit of a byte
+        window = np.unpackbits(bits_np[first // 8:-(-last // 8)])
+        keep = window[first % 8:first % 8 + out * inp].reshape(out, inp)
+        kept = int(keep.sum(dtype=np.int64))
+        if at + kept > values.numel():
+            raise ConfigError(f"compressed stack has {values.numel()} values but its mask keeps more")
+        packed.append(_pack_keep(values[at:at + kept], keep))
+        at += kept
+    if at != values.numel():
+        raise ConfigError(f"compressed stack has {values.numel()} values but its mask keeps {at}")
+    return packed
+
+
+def _pack_keep(values: torch.Tensor, keep_all: np.ndarray) -> PackedWeight:
+    """Pack the row-major kept ``values`` (1-D) of a weight whose mask is ``keep_all`` (uint8 [out, in])."""
+    out, inp = keep_all.shape
+    starts = np.concatenate([[0], np.cumsum(keep_all.sum(1, dtype=np.int64))])
 
     def chunks():
         for r in range(0, out, CHUNK_ROWS):

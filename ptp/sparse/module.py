@@ -99,3 +99,94 @@ class DenseLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, dense fp32"
+
+
+class SparseExperts(nn.Module):
+    """A fused expert stack — transformers 5's ``experts.gate_up_proj`` [E, out, in] (or, with
+    ``transposed``, gpt-oss's [E, in, out]) — packed expert by expert, standing in the experts
+    module where the parameter was. The module's own per-expert loop runs unchanged: ``stack[e]``
+    is expert e's weight as a tensor-like that ``F.linear(x, stack[e])`` (or ``x @ stack[e]``
+    when transposed) multiplies on the sparse kernels; x [..., in] -> [..., out], in x's dtype.
+
+    Buffers: ``masks`` int32 [E, tiles, words] and ``offsets`` int64 [E, n] (the same layout for
+    every expert), ``values`` every expert's packed values back to back, ``starts`` int64 [E + 1]
+    where each expert's begin.
+    """
+
+    def __init__(self, packed: list[PackedWeight], transposed: bool = False, name: str = "SparseExperts"):
+        super().__init__()
+        if not packed or len({p.shape for p in packed}) != 1 or len({p.dtype for p in packed}) != 1:
+            from ..config import ConfigError
+
+            raise ConfigError(f"{name}: an expert stack needs experts of one shape and dtype")
+        for e, p in enumerate(packed):
+            validate(p, name=f"{name}[{e}]")
+        self.num_experts, self.transposed = len(packed), transposed
+        self.out_features, self.in_features = packed[0].shape
+        self.register_buffer("masks", torch.stack([p.masks for p in packed]))
+        self.register_buffer("offsets", torch.stack([p.offsets for p in packed]))
+        self.register_buffer("values", torch.cat([p.values for p in packed]))
+        sizes = torch.tensor([p.values.numel() for p in packed])
+        self.register_buffer("starts", torch.cat([torch.zeros(1, dtype=torch.int64), sizes.cumsum(0)]))
+
+    @classmethod
+    def from_stack(cls, stack: torch.Tensor, transposed: bool = False, name: str = "SparseExperts") -> "SparseExperts":
+        """Pack a fused [E, out, in] parameter ([E, in, out] with ``transposed``); kept = nonzero."""
+        stack = stack.detach()
+        return cls([pack(w.T if transposed else w) for w in stack], transposed, name=name)
+
+    def expert(self, index: int) -> PackedWeight:
+        """Expert ``index``'s packed weight [out, in] (views of the buffers)."""
+        start, stop = int(self.starts[index]), int(self.starts[index + 1])
+        return PackedWeight((self.out_features, self.in_features), self.masks[index], self.offsets[index],
+                            self.values[start:stop])
+
+    def __getitem__(self, index) -> "PackedExpert":
+        index = int(index)
+        if not 0 <= index < self.num_experts:
+            raise IndexError(f"expert {index} of {self.num_experts}")
+        return PackedExpert(self.expert(index), self.transposed)
+
+    def dense_weight(self) -> torch.Tensor:
+        """The stack as it was stored: [E, out, in], or [E, in, out] when transposed."""
+        stack = torch.stack([unpack(self.expert(e)) for e in range(self.num_experts)])
+        return stack.transpose(1, 2) if self.transposed else stack
+
+    def extra_repr(self) -> str:
+        nnz = sum(int(self.offsets[e, -1]) for e in range(self.num_experts))
+        return (f"experts={self.num_experts}, in_features={self.in_features}, out_features={self.out_features}, "
+                f"transposed={self.transposed}, values={str(self.values.dtype).replace('torch.', '')}, "
+                f"sparsity={1 - nnz / (self.num_experts * self.in_features * self.out_features):.3f}")
+
+
+# what ``x @ w`` and ``torch.matmul(x, w)`` reach __torch_function__ as
+_MATMULS = (torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch._C.TensorBase.matmul)
+
+
+class PackedExpert:
+    """One expert's packed weight as the experts loop sees it: torch calls ``__torch_function__``
+    for ``F.linear(x, w[, b])`` ([out, in] stacks) and ``x @ w`` ([in, out] stacks); anything
+    else the loop might do with a weight is refused by name rather than computed wrongly."""
+
+    def __init__(self, packed: PackedWeight, transposed: bool):
+        self.packed, self.transposed = packed, transposed
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.linear and len(args) >= 2 and isinstance(args[1], cls) and not args[1].transposed:
+            x, w, bias = args[0], args[1], args[2] if len(args) > 2 else kwargs.get("bias")
+            return w._apply_to(x, bias)
+        if (func in _MATMULS and len(args) == 2 and isinstance(args[1], cls)
+                and args[1].transposed and isinstance(args[0], torch.Tensor)):
+            return args[1]._apply_to(args[0], None)
+        name = getattr(func, "__name__", str(func))
+        raise TypeError(f"a packed expert weight supports F.linear (or x @ w for [E, in, out] stacks), not {name}: "
+                        "run this model on the dense runtime")
+
+    def _apply_to(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if x.device.type != "cpu":
+            raise RuntimeError("packed experts run on CPU only (the packed kernels are CPU kernels)")
+        out, inp = self.packed.shape
+        y = kernels.matmul(self.packed, x.reshape(-1, inp), bias)
+        return (y if y.dtype == x.dtype else y.to(x.dtype)).view(*x.shape[:-1], out)
