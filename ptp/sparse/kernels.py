@@ -53,6 +53,11 @@ def library() -> ctypes.CDLL | None:
         log.warning("sparse runtime: C kernels unavailable (%s); falling back to torch (unpack + dense "
                     "matmul per call: correct, but slower than dense)", err)
         return None
+    return bind(lib)
+
+
+def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
+    """``lib`` with the argument types of the C ABI set (scripts/ab_kernels.py loads two builds)."""
     i64, i32, ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
     lib.ptp_sparse_supported.argtypes = [i32]
     lib.ptp_sparse_matmul.argtypes = [i32, i32, i32, ptr, ptr, ptr, i64, i64, i64, ptr, i32, i64, ptr, ptr, i32]
