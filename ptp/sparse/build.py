@@ -101,6 +101,8 @@ def _run(cmd: list[str]) -> str | None:
     return lines[0].strip()
 
 
-if __name__ == "__main__":  # `make setup` pre-builds the library
+def main() -> None:
+    """`make setup` pre-builds the library (a function, not ``python -m``: the package imports
+    this module first, and runpy warns about that)."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     print(library_path())
