@@ -108,7 +108,7 @@ class PruneConfig:
     reconstruct: bool = False
     recon_epochs: int = 4
     recon_lr: float = 1e-3  # chosen on held-out calibration windows: scripts/probe_reconstruction.py
-    recon_batch: int = 4
+    recon_batch: int = 1  # one window per Adam step: more steps for the same work (README)
     recon_holdout: int = 4
     recon_norms: bool = False
 

