@@ -82,6 +82,8 @@ def run_one(method: str, sparsity: str, data: Path, args) -> dict:
     row = {"method": method, "sparsity": sparsity, "prune_s": 0.0}
     if method != "dense":
         calib = random_windows(stream(tokenizer, data / "valid.tokens.txt"), args.nsamples, args.seqlen, args.seed)
+        if args.self_windows:
+            calib = mixed(calib, model, tokenizer, args.self_windows, args.seed)
         spec, _, profile = sparsity.partition("+")
         config = ptp.PruneConfig(method=method, sparsity=spec, true_sequential=args.true_sequential,
                                  profile=profile or None, reconstruct=args.reconstruct,
@@ -91,6 +93,7 @@ def run_one(method: str, sparsity: str, data: Path, args) -> dict:
         row.update(prune_s=report.wall_time_s, achieved=report.mean_sparsity, masks=mask_digest(model))
         if report.reconstruction:
             row["blocks_tuned"] = sum(t["kept"] == "tuned" for t in report.reconstruction)
+            row["tuning_s"] = sum(t["seconds"] for t in report.reconstruction)  # the Adam steps alone
     row["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # load + prune
     if not args.no_eval:
         start = time.perf_counter()
@@ -110,6 +113,26 @@ def run_one(method: str, sparsity: str, data: Path, args) -> dict:
 
 
 SELF_SEED, SELF_WINDOWS = 1234, 8
+
+
+def mixed(calib: torch.Tensor, dense, tokenizer, count: int, seed: int) -> torch.Tensor:
+    """Mixed calibration: ``count`` of the [n, L] WikiText windows replaced by windows the dense
+    model samples itself with ``seed`` (the calibration's seed, not the evaluation text's 1234),
+    then all n shuffled with that seed, so the held-out windows (the last ones) hold both kinds."""
+    from ptp.data import self_calibration
+
+    n, length = calib.shape
+    if not 0 < count <= n:
+        raise SystemExit(f"--self-windows must be in 1..{n}")
+    cache = Path(__file__).resolve().parents[1] / "runs" / f"self-{seed}-{count}x{length}.pt"
+    if cache.is_file():
+        own = torch.load(cache)
+    else:
+        cache.parent.mkdir(exist_ok=True)
+        own = self_calibration(dense, tokenizer, count, length, seed)
+        torch.save(own, cache)
+    both = torch.cat([calib[: n - count], own.reshape(count, length)])
+    return both[torch.randperm(n, generator=torch.Generator().manual_seed(seed))]
 
 
 def self_text(dense, tokenizer) -> torch.Tensor:
@@ -159,6 +182,8 @@ def main() -> None:
     parser.add_argument("--reconstruct", action="store_true", help="block reconstruction after each block")
     parser.add_argument("--recon-lr", type=float, default=None, help="default: PruneConfig's")
     parser.add_argument("--recon-epochs", type=int, default=None, help="default: PruneConfig's")
+    parser.add_argument("--self-windows", type=int, default=0,
+                        help="mixed calibration: this many of the windows sampled by the dense model itself")
     parser.add_argument("--agreement", action="store_true",
                         help="also KL(dense||pruned) and top-1 on the test windows and on 8 x 512 self-sampled tokens")
     parser.add_argument("--json", action="store_true", help="print one JSON object per row")
@@ -178,6 +203,7 @@ def main() -> None:
         cmd += [f"--{k.replace('_', '-')}={v}" for k, v in (("recon_lr", args.recon_lr), ("recon_epochs", args.recon_epochs))
                 if v is not None]
         cmd += ["--agreement"] if args.agreement else []
+        cmd += [f"--self-windows={args.self_windows}"] if args.self_windows else []
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         rows.append(json.loads(out.strip().splitlines()[-1]))
         print(json.dumps(rows[-1]) if args.json else f"done: {method} {sparsity} ppl {rows[-1].get('ppl', float('nan')):.2f}",

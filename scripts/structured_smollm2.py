@@ -65,6 +65,7 @@ def main() -> None:
                                       tuning=tuning)
         if report.reconstruction:
             row["blocks_tuned"] = sum(t["kept"] == "tuned" for t in report.reconstruction)
+            row["tuning_s"] = sum(t["seconds"] for t in report.reconstruction)  # the Adam steps alone
         row.update(removed=report.removed, config=report.config, prune_s=report.wall_time_s,
                    mean_mlp_error=_mean(b.mlp_error for b in report.blocks),
                    mean_attention_error=_mean(b.attention_error for b in report.blocks))
