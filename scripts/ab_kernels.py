@@ -38,7 +38,8 @@ def interleaved(libs, patterns, dtypes, rounds: int) -> None:
         for pattern in patterns:
             for name in dtypes:
                 w = bench.random_pruned(*shape, pattern).to(getattr(torch, name))
-                copies = [fmt.pack(w.clone()) for _ in range((128 << 20) // (w.numel() * w.element_size() // 2) + 1)]
+                packed = fmt.pack(w)
+                copies = [packed] + [fmt.pack(w) for _ in range(-(-bench.COPIES_BYTES // packed.nbytes) - 1)]
                 x = torch.randn(1, shape[1]).to(w.dtype)
                 times = [[], []]
                 for _ in range(rounds + 3):  # the first 3 are warm-up

@@ -119,32 +119,29 @@ def mixed(calib: torch.Tensor, dense, tokenizer, count: int, seed: int) -> torch
     """Mixed calibration: ``count`` of the [n, L] WikiText windows replaced by windows the dense
     model samples itself with ``seed`` (the calibration's seed, not the evaluation text's 1234),
     then all n shuffled with that seed, so the held-out windows (the last ones) hold both kinds."""
-    from ptp.data import self_calibration
-
     n, length = calib.shape
     if not 0 < count <= n:
         raise SystemExit(f"--self-windows must be in 1..{n}")
-    cache = Path(__file__).resolve().parents[1] / "runs" / f"self-{seed}-{count}x{length}.pt"
-    if cache.is_file():
-        own = torch.load(cache)
-    else:
-        cache.parent.mkdir(exist_ok=True)
-        own = self_calibration(dense, tokenizer, count, length, seed)
-        torch.save(own, cache)
+    own = self_samples(dense, tokenizer, count, length, seed)
     both = torch.cat([calib[: n - count], own.reshape(count, length)])
     return both[torch.randperm(n, generator=torch.Generator().manual_seed(seed))]
 
 
 def self_text(dense, tokenizer) -> torch.Tensor:
     """8 windows of 512 tokens the dense model samples itself (seed 1234, not the calibration's),
-    cached in runs/ so that every row is compared on the same text."""
+    the same text for every row."""
+    return self_samples(dense, tokenizer, SELF_WINDOWS, 512, SELF_SEED)
+
+
+def self_samples(dense, tokenizer, count: int, length: int, seed: int) -> torch.Tensor:
+    """[count, length] tokens sampled by the dense model (``--calib self``), cached in runs/."""
     from ptp.data import self_calibration
 
-    cache = Path(__file__).resolve().parents[1] / "runs" / f"self-{SELF_SEED}-{SELF_WINDOWS}x512.pt"
+    cache = Path(__file__).resolve().parents[1] / "runs" / f"self-{seed}-{count}x{length}.pt"
     if cache.is_file():
         return torch.load(cache)
     cache.parent.mkdir(exist_ok=True)
-    tokens = self_calibration(dense, tokenizer, SELF_WINDOWS, 512, SELF_SEED)
+    tokens = self_calibration(dense, tokenizer, count, length, seed)
     torch.save(tokens, cache)
     return tokens
 
