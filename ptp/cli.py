@@ -173,18 +173,13 @@ def run_prune(args) -> int:
         raise ConfigError(RECONSTRUCT_ONE_PROCESS)
     if args.format not in ("dense", "compressed"):
         raise ConfigError(f"unknown format {args.format!r}; choose dense or compressed")
-    budget = scale.parse_size(args.act_budget)
-    stream = args.stream or args.resume
-    if budget is not None and not stream:
-        raise ConfigError("--act-budget applies to --stream runs")
+    stream, budget = _stream_options(args)
     if stream and args.format != "dense":
         raise ConfigError("--stream writes dense checkpoints; --format compressed needs the model in memory")
-    if stream and args.calib == "self":
-        raise ConfigError("--calib self samples from the whole model, which --stream never loads; give calibration text")
     if args.nproc < 1:
         raise ConfigError(f"--nproc must be positive, got {args.nproc}")
     _check_counts(args)
-    if args.resume and _finished(args, config):
+    if args.resume and _finished(args, config.method, str(config.sparsity)):
         return 0
     io.check_out_dir(args.out, args.overwrite)
     io.resolve_model(args.model)  # an unknown model name fails here, before anything loads
@@ -203,6 +198,19 @@ def run_prune(args) -> int:
     return 0
 
 
+def _stream_options(args) -> tuple[bool, int | None]:
+    """(whether --stream / --resume was asked, the --act-budget in bytes), checked."""
+    from . import scale
+
+    budget = scale.parse_size(args.act_budget)
+    stream = args.stream or args.resume
+    if budget is not None and not stream:
+        raise ConfigError("--act-budget applies to --stream runs")
+    if stream and args.calib == "self":
+        raise ConfigError("--calib self samples from the whole model, which --stream never loads; give calibration text")
+    return stream, budget
+
+
 def _job(args, **fields) -> "pipeline.Job":
     """The pipeline job of a ``ptp prune`` command line (everything but the pruning itself)."""
     from . import pipeline
@@ -217,8 +225,9 @@ def _arguments(args) -> dict:
     return {k: v for k, v in vars(args).items() if k not in ("func", "argv")}
 
 
-def run_prune_stream(args, config: PruneConfig, budget: int | None, start: float) -> int:
-    """``--stream`` / ``--resume``: ``ptp.scale.Stream`` reads one block at a time and checkpoints."""
+def run_prune_stream(args, config: PruneConfig, budget: int | None, start: float, structured: dict | None = None) -> int:
+    """``--stream`` / ``--resume``: ``ptp.scale.Stream`` reads one block at a time and checkpoints
+    (``structured``: ``prune_structured``'s options, for ``--method structured``)."""
     from transformers import AutoTokenizer
 
     from . import data, integrity, pipeline, scale
@@ -226,7 +235,8 @@ def run_prune_stream(args, config: PruneConfig, budget: int | None, start: float
     if not args.no_verify and Path(args.model).is_dir():
         integrity.check_files(args.model)  # a ptp output as input: its checksums, as a load would
     stream = scale.Stream(args.model, args.out, config, dtype=args.dtype, resume=args.resume,
-                          overwrite=args.overwrite, act_budget=budget, trust_remote_code=args.trust_remote_code)
+                          overwrite=args.overwrite, act_budget=budget, trust_remote_code=args.trust_remote_code,
+                          structured=structured)
     try:
         tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
     except (OSError, ValueError) as err:
@@ -235,8 +245,15 @@ def run_prune_stream(args, config: PruneConfig, budget: int | None, start: float
     tokens = data.calibration_batches(args.calib, tokenizer, args.nsamples, seqlen, args.seed,
                                       model=stream.model, text_field=args.text_field)
     meta = _prune_meta(args, config, seqlen, (str(stream.source), None), None)
+    if structured is not None:  # recorded as pipeline.run records a structured prune
+        meta = {**{k: v for k, v in meta.items() if k not in ("sparsity", "config", "processes")},
+                "method": "structured"}
     report = stream.run(tokens, tokenizer=tokenizer, meta=meta, verify=not args.no_verify)
-    if stream.rank == 0:
+    if stream.rank != 0:
+        return 0
+    if structured is not None:
+        _structured_summary(args, report, seqlen, start)
+    else:
         _prune_summary(args, config, seqlen, report, stream.record, start)
     return 0
 
@@ -259,7 +276,7 @@ def _check_counts(args) -> None:
         raise ConfigError(f"seqlen {args.seqlen} is above the model's maximum positions ({limit})")
 
 
-def _finished(args, config: PruneConfig) -> bool:
+def _finished(args, method: str, sparsity: str | None) -> bool:
     """--resume of a run that already finished: --out holds its result and nothing is left to do.
     True (and says so) when the record in --out is this same run; a different run is an error."""
     from . import integrity
@@ -274,9 +291,9 @@ def _finished(args, config: PruneConfig) -> bool:
     ran = {"model": record.get("model"), "method": record.get("method"), "sparsity": record.get("sparsity"),
            "calib": (record.get("calibration") or {}).get("source"),
            "nsamples": (record.get("calibration") or {}).get("nsamples"),
-           "seed": (record.get("calibration") or {}).get("seed")}
-    asked = {"model": args.model, "method": config.method, "sparsity": str(config.sparsity), "calib": args.calib,
-             "nsamples": args.nsamples, "seed": args.seed}
+           "seed": (record.get("calibration") or {}).get("seed"), "ratio": (record.get("structured") or {}).get("ratio")}
+    asked = {"model": args.model, "method": method, "sparsity": sparsity, "calib": args.calib,
+             "nsamples": args.nsamples, "seed": args.seed, "ratio": args.ratio if method == "structured" else None}
     differ = [k for k in asked if ran[k] != asked[k]]
     if differ:
         raise ConfigError(f"--resume: {out} holds a finished run with different settings ({', '.join(differ)}); "
@@ -358,7 +375,7 @@ def _read_profile(spec: str | None):
 
 def run_prune_structured(args) -> int:
     """``--method structured``: a smaller standard model (``ptp.prune_structured``), saved dense."""
-    from . import io, pipeline
+    from . import io, pipeline, scale
     from .structured import check_options
 
     start = time.perf_counter()
@@ -367,26 +384,39 @@ def run_prune_structured(args) -> int:
         raise ConfigError("--method structured needs --ratio, the fraction of each block's parameters to remove")
     for flag, given in (("--sparsity", args.sparsity is not None), ("--skip", bool(args.skip)),
                         ("--format compressed", args.format != "dense"), ("--true-sequential", args.true_sequential),
-                        ("--profile", args.profile is not None), ("--stream", args.stream or args.resume),
-                        ("--act-budget", args.act_budget is not None), ("--nproc", args.nproc != 1)):
+                        ("--profile", args.profile is not None)):
         if given:
             raise ConfigError(f"{flag} does not apply to --method structured")
+    if args.nproc != 1:
+        raise ConfigError("--method structured runs in one process (its channel statistics are not summed across "
+                          "processes); drop --nproc, and add --stream for a model larger than memory")
     check_options(args.ratio, args.attn_ratio, args.importance, args.compensation, args.experts_ratio)
+    stream, budget = _stream_options(args)
     _check_counts(args)
+    if args.resume and _finished(args, "structured", None):
+        return 0
     io.check_out_dir(args.out, args.overwrite)
     io.resolve_model(args.model)  # an unknown model name fails here, before anything loads
+    # The loop's settings and reconstruction's; the method is prune_structured's options.
+    config = PruneConfig(batch_size=args.batch_size, device=args.device, blocks=args.blocks,
+                         reconstruct=args.reconstruct, recon_epochs=args.recon_epochs, recon_lr=args.recon_lr,
+                         recon_batch=args.recon_batch, recon_holdout=args.recon_holdout, recon_norms=args.recon_norms)
+    options = dict(attn_ratio=args.attn_ratio, experts_ratio=args.experts_ratio, importance=args.importance,
+                   compensation=args.compensation, damp=args.damp)
+    if stream or (args.calib != "self" and scale.would_not_fit(args.model)):
+        return run_prune_stream(args, config, budget, start, dict(ratio=args.ratio, **options))
     with _silenced(args.quiet):
         loaded = io.load_model(args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
                                verify=not args.no_verify)
-    tuning = PruneConfig(reconstruct=True, recon_epochs=args.recon_epochs, recon_lr=args.recon_lr,
-                         recon_batch=args.recon_batch, recon_holdout=args.recon_holdout,
-                         recon_norms=args.recon_norms) if args.reconstruct else None
-    options = dict(attn_ratio=args.attn_ratio, experts_ratio=args.experts_ratio, importance=args.importance,
-                   compensation=args.compensation, damp=args.damp, batch_size=args.batch_size, device=args.device,
-                   blocks=args.blocks, tuning=tuning)
+    options.update(batch_size=args.batch_size, device=args.device, blocks=args.blocks,
+                   tuning=config if args.reconstruct else None)
     result = pipeline.run(_job(args, structured_ratio=args.ratio, structured_options=options), loaded=loaded,
                           meta={"arguments": _arguments(args)})
-    report, seqlen = result.report, result.tokens.shape[1]
+    _structured_summary(args, result.report, result.tokens.shape[1], start)
+    return 0
+
+
+def _structured_summary(args, report, seqlen: int, start: float) -> None:
     summary = {
         "out": str(args.out), "model": args.model, "method": "structured", "ratio": args.ratio,
         "importance": report.importance, "compensation": report.compensation, "removed": report.removed,
@@ -400,7 +430,6 @@ def run_prune_structured(args) -> int:
              f"saved to {args.out} (a standard checkpoint{', verified' if not args.no_verify else ''}) "
              f"in {summary['wall_time_s']:.1f} s"]
     _emit(args, summary, lines)
-    return 0
 
 
 def add_export(sub) -> None:

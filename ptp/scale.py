@@ -469,16 +469,21 @@ class Stream(Distributed):
     act_budget: bytes of calibration activations kept in memory (per rank); above it they go to
                 files next to the checkpoint. None: no limit.
     resume:     continue the interrupted run found in ``.NAME.ptp-partial`` (or start one).
+    structured: structured pruning instead of ``config``'s solver: the keyword arguments of
+                ``ptp.prune_structured`` (ratio, attn_ratio, importance, ...) but for batch_size,
+                device, blocks and the reconstruction settings, which come from ``config``. Each
+                block is written in the pruned config's shapes.
     """
 
     def __init__(self, model_dir, out, config: PruneConfig, *, dtype: str = "auto", resume: bool = False,
-                 overwrite: bool = False, act_budget: int | None = None, trust_remote_code: bool = False):
+                 overwrite: bool = False, act_budget: int | None = None, trust_remote_code: bool = False,
+                 structured: dict | None = None):
         self.source = Path(model_dir).expanduser()
         if not self.source.is_dir():
             raise ConfigError(f"--stream needs a local model directory with safetensors weights; {model_dir} is not one")
         if dtype != "auto" and dtype not in io.DTYPES:
             raise ConfigError(f"unknown dtype {dtype!r}; choose auto, {', '.join(io.DTYPES)}")
-        self.config, self.resume, self.act_budget = config, resume, act_budget
+        self.config, self.resume, self.act_budget, self.structured = config, resume, act_budget, structured
         self.rank, self.world = rank_world()
         self.shards = Shards(self.source)
         self.out = io.check_out_dir(out, overwrite)
@@ -496,7 +501,15 @@ class Stream(Distributed):
         self.dtype = io.DTYPES[dtype] if dtype != "auto" else checkpoint_dtype(hf_config, headers)
         self.model = skeleton(hf_config, self.dtype, trust_remote_code)
         self.blocks_name, self.blocks = find_blocks(self.model, config.blocks)
-        prunable_layers(self.model, config)  # an N:M width that cannot work fails here, before any work
+        if structured is None:
+            prunable_layers(self.model, config)  # an N:M width that cannot work fails here, before any work
+        else:
+            from .structured import check_options, check_uniform
+
+            check_options(structured.get("ratio", 0.35), structured.get("attn_ratio"),
+                          structured.get("importance", "flap"), structured.get("compensation", "ls"),
+                          structured.get("experts_ratio"))
+            check_uniform(self.blocks)
         self._plan(headers)
         self.record: dict = {}
 
@@ -540,6 +553,7 @@ class Stream(Distributed):
         self.fingerprint = {
             "ptp_version": __version__, "model": str(self.source.absolute()), "dtype": str(self.dtype),
             "config": {k: v for k, v in self.config.to_dict().items() if k != "device"},
+            "structured": self.structured,
             "processes": self.world, "tokens": list(tokens.shape),
             "tokens_sha256": hashlib.sha256(tokens.contiguous().numpy().tobytes()).hexdigest(),
         }
@@ -549,9 +563,11 @@ class Stream(Distributed):
         materialise(self.model, "", self.shards.read(capture, self.dtype))
         self.disk = self.twin = None
         try:
-            report = prune(self.model, mine, self.config, self)
-        except BaseException:
-            if self.rank == 0 and (self.work / STATE).exists():
+            report = self._prune(mine)
+        except BaseException as err:
+            if isinstance(err, ConfigError) and self.rank == 0 and self._committed() == 0:
+                shutil.rmtree(self.work, ignore_errors=True)  # refused before any block: nothing to resume
+            elif self.rank == 0 and (self.work / STATE).exists():
                 logger.error("interrupted: %d of %d blocks are saved in %s; run again with --resume to continue",
                              self._committed(), len(self.blocks), self.work)
             raise
@@ -563,6 +579,15 @@ class Stream(Distributed):
             self._finish(report, tokenizer, meta, verify)
         _barrier()
         return report
+
+    def _prune(self, tokens: torch.Tensor):
+        if self.structured is None:
+            return prune(self.model, tokens, self.config, self)
+        from .structured import prune_structured
+
+        c = self.config
+        return prune_structured(self.model, tokens, **self.structured, batch_size=c.batch_size, device=c.device,
+                                blocks=c.blocks, tuning=c if c.tunes_blocks else None, hooks=self)
 
     def _committed(self) -> int:
         try:
@@ -595,8 +620,9 @@ class Stream(Distributed):
     def _commit(self, done: int, report: PruneReport | None = None) -> None:
         """Record that blocks < ``done`` are written and their activations saved (atomic replace)."""
         tmp = self.work / (STATE + ".tmp")
-        layers = [asdict(layer) for layer in report.layers] if report else []
-        tmp.write_text(json.dumps({"fingerprint": self.fingerprint, "done": done, "layers": layers,
+        layers = [asdict(layer) for layer in getattr(report, "layers", [])]
+        blocks = [asdict(block) for block in getattr(report, "blocks", [])]  # structured
+        tmp.write_text(json.dumps({"fingerprint": self.fingerprint, "done": done, "layers": layers, "blocks": blocks,
                                    "reconstruction": report.reconstruction if report else []}, indent=1))
         _fsync(tmp)
         os.replace(tmp, self.work / STATE)
@@ -624,7 +650,12 @@ class Stream(Distributed):
     def start(self, hidden, report: PruneReport):
         self.model.to("meta")  # the embeddings are done with (no block is loaded yet)
         trim_heap()
-        report.layers += [LayerReport(**layer) for layer in self.saved.get("layers", [])]
+        if self.structured is None:
+            report.layers += [LayerReport(**layer) for layer in self.saved.get("layers", [])]
+        else:
+            from .structured import BlockReport
+
+            report.blocks += [BlockReport(**block) for block in self.saved.get("blocks", [])]
         report.reconstruction += self.saved.get("reconstruction", [])
         if isinstance(hidden, DiskActivations):
             if self.done == 0:
@@ -670,7 +701,7 @@ class Stream(Distributed):
 
     def block_done(self, index: int, block: nn.Module, hidden, report: PruneReport) -> None:
         prefix = f"{self.blocks_name}.{index}."
-        pruned = [layer.name for layer in report.layers if layer.name.startswith(prefix)]
+        pruned = [layer.name for layer in getattr(report, "layers", []) if layer.name.startswith(prefix)]
         if self.rank == 0:
             io._canonical_zeros(self.model, pruned)  # as io.save does: -0.0 -> +0.0 in pruned weights
             for name in pruned if self.verify else ():
@@ -695,35 +726,43 @@ class Stream(Distributed):
     def _finish(self, report: PruneReport, tokenizer, meta: dict | None, verify: bool) -> None:
         """Copy the tensors outside the blocks, write index, config, tokenizer and ptp.json, check
         the set of tensors, drop the checkpoint files and rename the directory to ``out``."""
-        weight_map = {key: self.block_files[i] for i, keys in enumerate(self.block_keys) for key in keys}
+        # A block's file holds what its (pruned) block held: the planned names, plus the biases that
+        # structured pruning's bias compensation adds.
+        weight_map = {key: file for file in self.block_files for key in Shards(self.work, file).file}
         # The weight accounting is recounted from the files written (a resumed run never held its
         # first blocks, and the tensors outside the blocks are not in memory now).
-        tally = WeightTally(self.blocks_name, self.config.skip)
-        for i, block in enumerate(self.blocks):
+        tally = WeightTally(self.blocks_name, self.config.skip) if self.structured is None else None
+        for i, block in enumerate(self.blocks if tally else ()):
             prefix = f"{self.blocks_name}.{i}."
             materialise(block, prefix, Shards(self.work, self.block_files[i]).read(self.block_keys[i]))
             tally.add_block(i, block)
             block.to("meta")
         for file, keys in self.outside_files:
             tensors = self.shards.read(keys, self.dtype)
-            for key, tensor in tensors.items():
+            for key, tensor in tensors.items() if tally else ():
                 tally.add_outside(key, tensor)
             write_shard(self.work / file, tensors, verify)
             weight_map.update(dict.fromkeys(keys, file))
             del tensors
             trim_heap()
-        report.accounting = tally.result()
-        log_accounting(report)
+        if tally:
+            report.accounting = tally.result()
+            log_accounting(report)
         from safetensors import safe_open
 
         total = 0
+        shapes = {k: list(v.shape) for k, v in self.model.state_dict().items()}  # meta: the model's own shapes
         for file in dict.fromkeys(weight_map.values()):
             with safe_open(str(self.work / file), framework="pt") as f:
                 for key in f.keys():
                     piece = f.get_slice(key)
                     total += math.prod(piece.get_shape()) * SAFETENSORS_BYTES.get(piece.get_dtype(), 4)
-                if verify and set(f.keys()) != {k for k, v in weight_map.items() if v == file}:
-                    raise RuntimeError(f"{file} does not hold the tensors planned for it")
+                    if verify and list(piece.get_shape()) != shapes.get(key):
+                        raise RuntimeError(f"{file}: {key} has shape {piece.get_shape()}, the model {shapes.get(key)}")
+        tied = bool(getattr(self.model.config, "tie_word_embeddings", False))
+        missing = [k for k in shapes if k not in weight_map and not (tied and k in self.head_keys)]
+        if verify and missing:
+            raise RuntimeError(f"the output has no {missing[0]} ({len(missing)} tensors missing)")
         (self.work / INDEX).write_text(json.dumps({"metadata": {"total_size": total},
                                                    "weight_map": dict(sorted(weight_map.items()))}, indent=2) + "\n")
         self.model.config.save_pretrained(self.work)
@@ -732,7 +771,10 @@ class Stream(Distributed):
             shutil.copy2(self.source / "generation_config.json", self.work / "generation_config.json")
         if tokenizer is not None:
             tokenizer.save_pretrained(self.work)
-        self.record = io._record(self.model, report, self.config.sparsity, meta, "dense")
+        if self.structured is None:
+            self.record = io._record(self.model, report, self.config.sparsity, meta, "dense")
+        else:  # as pipeline.run records a structured prune
+            self.record = io._record(self.model, None, None, {**(meta or {}), "structured": report.to_dict()}, "dense")
         self.record["stream"] = {"activations": self.activations, "act_budget_bytes": self.act_budget,
                                  "processes": self.world, "resumed_at_block": self.done,
                                  "shards": len(self.block_files) + len(self.outside_files)}
@@ -756,4 +798,25 @@ def prune_streaming(model_dir, batches, config: PruneConfig, out, *, tokenizer=N
     >>> ptp.scale.prune_streaming("big-model", tokens, ptp.PruneConfig(sparsity="2:4"), "out/big-2of4")
     """
     stream = Stream(model_dir, out, config, dtype=dtype, resume=resume, overwrite=overwrite, act_budget=act_budget)
+    return stream.run(batches, tokenizer=tokenizer, meta=meta, verify=verify)
+
+
+def prune_structured_streaming(model_dir, batches, out, ratio: float = 0.35, *, tokenizer=None, dtype: str = "auto",
+                               resume: bool = False, act_budget: int | None = None, overwrite: bool = False,
+                               verify: bool = True, meta: dict | None = None, batch_size: int = 8,
+                               device: str | None = None, blocks: str | None = None,
+                               tuning: PruneConfig | None = None, **options):
+    """``ptp.prune_structured`` of the safetensors model in ``model_dir`` into ``out``, one block in
+    memory at a time, checkpointed after every block like ``prune_streaming`` (``resume``,
+    ``act_budget``). ``options``: attn_ratio, experts_ratio, importance, compensation, damp.
+    ``tuning``: a ``PruneConfig`` with ``reconstruct=True`` (its recon_* settings are used).
+
+    >>> ptp.scale.prune_structured_streaming("big-model", tokens, "out/big-s35", 0.35)
+    """
+    tuning = tuning or PruneConfig()
+    config = PruneConfig(batch_size=batch_size, device=device, blocks=blocks, reconstruct=tuning.reconstruct,
+                         recon_epochs=tuning.recon_epochs, recon_lr=tuning.recon_lr, recon_batch=tuning.recon_batch,
+                         recon_holdout=tuning.recon_holdout, recon_norms=tuning.recon_norms)
+    stream = Stream(model_dir, out, config, dtype=dtype, resume=resume, overwrite=overwrite, act_budget=act_budget,
+                    structured=dict(ratio=ratio, **options))
     return stream.run(batches, tokenizer=tokenizer, meta=meta, verify=verify)

@@ -814,6 +814,7 @@ def prune_structured(
     device: str | None = None,
     blocks: str | None = None,
     tuning: PruneConfig | None = None,
+    hooks: BlockHooks | None = None,
 ) -> StructuredReport:
     """Remove about ``ratio`` of every decoder block's parameters, in place, as whole MLP channels,
     whole key/value groups of attention heads, and in mixture-of-experts blocks whole experts and
@@ -836,6 +837,8 @@ def prune_structured(
     tuning:        a ``PruneConfig`` with ``reconstruct=True``: after each block is cut, tune its
                    remaining weights towards the dense block's outputs, with that config's
                    ``recon_*`` settings (see ``ptp.reconstruct``); its other fields are not used.
+    hooks:         the engine's ``BlockHooks``: ``ptp.scale`` streams and resumes this same loop
+                   (``prune_structured_streaming``).
 
     >>> report = ptp.prune_structured(model, tokens, ratio=0.35)
     >>> model.config.intermediate_size, model.config.num_key_value_heads
@@ -858,17 +861,22 @@ def prune_structured(
     if tuning is not None and tuning.tunes_blocks:
         tuning = replace(tuning, batch_size=batch_size)  # the windows are batched as captured
         check_reconstruction(tokens, tuning)
-        recon = Reconstruction(tuning, BlockHooks(), report.reconstruction)
-    plan: dict = {}  # from block 0: units, experts, plan, new config, biased kinds, templates
+        recon = Reconstruction(tuning, hooks or BlockHooks(), report.reconstruction)
+    # From the first block processed (block 0, or where a resumed run starts: the plan depends on
+    # the blocks' shapes only, which check_uniform made equal): units, experts, plan, new config,
+    # biased kinds, templates.
+    plan: dict = {}
 
     def cut(i, block, hidden, batch_kwargs):
-        if i == 0:
+        if not plan:
             units, experts, removal, new_config, biased = _prepare(config, block, hidden, batch_kwargs, layout, ratio,
                                                                    attn_ratio, experts_ratio, compensation)
             mlp = next((u for u in units if u.kind == "mlp"), None)
             plan.update(units=units, experts=experts, removal=removal, new_config=new_config, biased=biased,
                         mlp_width=in_width(block.get_submodule(mlp.consumer)) if mlp else 0)
             plan["templates"], plan["template_config"] = pruned_templates(new_config)
+            for done in range(i):  # a resumed run: the blocks already cut are on disk, of the new shapes
+                layers[done] = plan["templates"][done]
             logger.info("structured %s/%s: KV groups %d -> %d, MLP %d -> %d%s", importance, compensation, kv,
                         kv - removal.kv_groups, plan["mlp_width"], plan["mlp_width"] - removal.channels,
                         f", experts {experts.count} -> {experts.count - removal.experts} of width {experts.width} -> "
@@ -883,7 +891,7 @@ def prune_structured(
             recon.tune(i, block, linear_layers(block, f"{blocks_name}.{i}", ()), hidden, batch_kwargs)
         run_block(block, hidden, batch_kwargs, batch_size)  # the pruned block's outputs feed the next block
 
-    for_each_block(model, layers, tokens, batch_size, device, f"structured {ratio:g}", cut)
+    for_each_block(model, layers, tokens, batch_size, device, f"structured {ratio:g}", cut, hooks, report)
     units, experts, removal, new_config = plan["units"], plan["experts"], plan["removal"], plan["new_config"]
     mlp_width, new_kv = plan["mlp_width"], kv - removal.kv_groups
 

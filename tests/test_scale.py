@@ -422,8 +422,8 @@ def bad_inputs(model_dir, calib, tmp_path, bin_dir):
         "interrupted run": (prune_args(model_dir, calib, tmp_path / "busy", "--stream"),
                             "holds an interrupted run of this output: pass --resume"),
         "nproc": (prune_args(model_dir, calib, out, "--nproc", "0"), "--nproc must be positive"),
-        "structured": (["prune", str(model_dir), "--method", "structured", "--ratio", "0.3", "--stream",
-                        "--out", str(out), "-q"], "--stream does not apply to --method structured"),
+        "structured": (["prune", str(model_dir), "--method", "structured", "--ratio", "0.3", "--nproc", "2",
+                        "--calib", str(calib), "--out", str(out), "-q"], "--method structured runs in one process"),
     }
 
 
@@ -490,3 +490,102 @@ def test_reconstruction_resumes_from_the_saved_dense_activations(budget, tmp_pat
     report = scale.prune_streaming(src, calib, config, tmp_path / "out", resume=True, act_budget=budget)
     assert_identical(state_of(tmp_path / "out"), state_of(tmp_path / "whole"))
     assert tunings(report) == tunings(whole)  # the first two blocks' from the checkpoint
+
+
+# --------------------------------------------------------------------------- structured pruning, streamed
+
+
+def structured_in_memory(folder: Path, calib, out: Path, ratio: float, **options):
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    report = ptp.prune_structured(model, calib, ratio, **options)
+    ptp.save(model, None, out, meta={"structured": report.to_dict()})
+    return report
+
+
+def structured_dict(report) -> dict:
+    out = report.to_dict()
+    out.pop("wall_time_s")
+    out["reconstruction"] = tunings(report)
+    return out
+
+
+@pytest.mark.parametrize("family,budget,compensation", [("llama", None, "ls"), ("llama", 0, "bias"),
+                                                        ("qwen2", 0, "ls")])
+def test_streamed_structured_equals_in_memory(family, budget, compensation, tmp_path):
+    """The smaller config's blocks written one at a time, activations in memory or on disk; bias
+    compensation adds tensors the source checkpoint does not have."""
+    src = saved(tmp_path / "src", tiny_model(family), shard="20KB")
+    calib = tokens(8, 32)
+    options = dict(compensation=compensation, batch_size=4)
+    report = scale.prune_structured_streaming(src, calib, tmp_path / "out", 0.35, act_budget=budget, **options)
+    reference = structured_in_memory(src, calib, tmp_path / "ref", 0.35, **options)
+    assert_identical(state_of(tmp_path / "out"), state_of(tmp_path / "ref"))
+    assert structured_dict(report) == structured_dict(reference) and 0.25 < report.removed < 0.45
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert all(config[k] == v for k, v in report.config.items()) and report.config
+    if compensation == "bias":
+        assert any(k.endswith("down_proj.bias") for k in state_of(tmp_path / "out"))
+    record = json.loads((tmp_path / "out" / "ptp.json").read_text())
+    assert record["structured"]["removed"] == report.removed and record["stream"]["activations"] == (
+        "disk" if budget == 0 else "memory")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")  # the standard smaller model
+    assert loaded.config.intermediate_size == report.intermediate[1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "ref", "src"]
+
+
+@pytest.mark.parametrize("budget", [None, 0])
+def test_structured_reconstruction_resumes_identically(budget, tmp_path, monkeypatch):
+    """Killed after block 0: the resumed run plans the cut from block 1 and tunes from the saved
+    dense activations; the result is the uninterrupted one."""
+    src = saved(tmp_path / "src", tiny_model("llama"))
+    calib = tokens(32, 32)
+    tuning = ptp.PruneConfig(**{**RECON, "recon_lr": 1e-4, "recon_holdout": 4})
+    whole = scale.prune_structured_streaming(src, calib, tmp_path / "whole", 0.35, batch_size=4, tuning=tuning,
+                                             act_budget=budget)
+    assert any(t["kept"] == "tuned" for t in whole.reconstruction)
+    block_done = scale.Stream.block_done
+
+    def dies(self, index, block, hidden, report):
+        block_done(self, index, block, hidden, report)
+        if index == 0:
+            raise Killed
+
+    with monkeypatch.context() as m:
+        m.setattr(scale.Stream, "block_done", dies)
+        with pytest.raises(Killed):
+            scale.prune_structured_streaming(src, calib, tmp_path / "out", 0.35, batch_size=4, tuning=tuning,
+                                             act_budget=budget)
+    with pytest.raises(ptp.ConfigError, match="different settings \\(structured\\)"):
+        scale.prune_structured_streaming(src, calib, tmp_path / "out", 0.3, batch_size=4, tuning=tuning, resume=True)
+    report = scale.prune_structured_streaming(src, calib, tmp_path / "out", 0.35, batch_size=4, tuning=tuning,
+                                              act_budget=budget, resume=True)
+    assert_identical(state_of(tmp_path / "out"), state_of(tmp_path / "whole"))
+    assert structured_dict(report) == structured_dict(whole)
+    assert json.loads((tmp_path / "out" / "ptp.json").read_text())["stream"]["resumed_at_block"] == 1
+
+
+def test_a_structured_plan_refused_at_block_0_leaves_nothing_to_resume(tmp_path):
+    src = saved(tmp_path / "src", tiny_model("qwen2"))
+    with pytest.raises(ptp.ConfigError, match="no bias"):  # found when block 0 is recognised
+        scale.prune_structured_streaming(src, tokens(4, 16), tmp_path / "out", 0.35, compensation="bias")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_cli_structured_stream_and_resume(model_dir, calib, tmp_path, capsys):
+    def structured(out, *extra):
+        return ["prune", str(model_dir), "--method", "structured", "--ratio", "0.3", "--calib", str(calib),
+                "--nsamples", "4", "--seqlen", "32", "--out", str(out), "-q", *extra]
+
+    assert main(structured(tmp_path / "s", "--stream", "--act-budget", "1KB", "--json")) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["method"] == "structured" and 0.2 < summary["removed"] < 0.4
+    assert main(structured(tmp_path / "m")) == 0
+    capsys.readouterr()
+    assert_identical(state_of(tmp_path / "s"), state_of(tmp_path / "m"))
+    streamed, memory = (json.loads((tmp_path / d / "ptp.json").read_text()) for d in ("s", "m"))
+    assert streamed["method"] == memory["method"] == "structured" and "sparsity" not in streamed
+    assert streamed["structured"]["config"] == memory["structured"]["config"]
+    assert main(structured(tmp_path / "s", "--resume")) == 0  # finished: nothing to do
+    assert "the run is complete" in capsys.readouterr().out
+    assert main(["report", str(tmp_path / "s")]) == 0
+    assert "| block | attention output error | MLP output error |" in capsys.readouterr().out
