@@ -161,14 +161,8 @@ class Killed(Exception):
     pass
 
 
-@pytest.mark.parametrize("budget,stop_after", [(None, 0), (None, 1), (0, 1), (0, 2)])
-def test_resume_after_an_interruption_is_identical(budget, stop_after, tmp_path, monkeypatch):
-    """Interrupt after block ``stop_after`` is committed, resume, compare with an uninterrupted run."""
-    src = saved(tmp_path / "src", tiny_model("llama"))
-    calib = tokens(6, 24)
-    config = ptp.PruneConfig(method="sparsegpt", sparsity="0.5", batch_size=4)
-    scale.prune_streaming(src, calib, config, tmp_path / "whole", act_budget=budget)
-
+def killed_after(monkeypatch, stop_after: int, run) -> None:
+    """Call ``run()`` with the stream dying right after block ``stop_after`` is committed."""
     block_done = scale.Stream.block_done
 
     def dies(self, index, block, hidden, report):
@@ -179,7 +173,19 @@ def test_resume_after_an_interruption_is_identical(budget, stop_after, tmp_path,
     with monkeypatch.context() as m:
         m.setattr(scale.Stream, "block_done", dies)
         with pytest.raises(Killed):
-            scale.prune_streaming(src, calib, config, tmp_path / "out", act_budget=budget)
+            run()
+
+
+@pytest.mark.parametrize("budget,stop_after", [(None, 0), (None, 1), (0, 1), (0, 2)])
+def test_resume_after_an_interruption_is_identical(budget, stop_after, tmp_path, monkeypatch):
+    """Interrupt after block ``stop_after`` is committed, resume, compare with an uninterrupted run."""
+    src = saved(tmp_path / "src", tiny_model("llama"))
+    calib = tokens(6, 24)
+    config = ptp.PruneConfig(method="sparsegpt", sparsity="0.5", batch_size=4)
+    scale.prune_streaming(src, calib, config, tmp_path / "whole", act_budget=budget)
+
+    killed_after(monkeypatch, stop_after,
+                 lambda: scale.prune_streaming(src, calib, config, tmp_path / "out", act_budget=budget))
     assert not (tmp_path / "out").exists()
     state = json.loads((tmp_path / ".out.ptp-partial" / scale.STATE).read_text())
     assert state["done"] == stop_after + 1
@@ -474,17 +480,8 @@ def test_reconstruction_resumes_from_the_saved_dense_activations(budget, tmp_pat
     src = saved(tmp_path / "src", tiny_model("llama"))
     calib, config = tokens(10, 16), ptp.PruneConfig(**RECON)
     whole = scale.prune_streaming(src, calib, config, tmp_path / "whole", act_budget=budget)
-    block_done = scale.Stream.block_done
-
-    def dies(self, index, block, hidden, report):
-        block_done(self, index, block, hidden, report)
-        if index == 1:
-            raise Killed
-
-    with monkeypatch.context() as m:
-        m.setattr(scale.Stream, "block_done", dies)
-        with pytest.raises(Killed):
-            scale.prune_streaming(src, calib, config, tmp_path / "out", act_budget=budget)
+    killed_after(monkeypatch, 1,
+                 lambda: scale.prune_streaming(src, calib, config, tmp_path / "out", act_budget=budget))
     work = tmp_path / ".out.ptp-partial"
     assert sorted(p.name for p in work.glob("dense-rank0-*.bin")) == ["dense-rank0-0.bin", "dense-rank0-1.bin"]
     report = scale.prune_streaming(src, calib, config, tmp_path / "out", resume=True, act_budget=budget)
@@ -543,18 +540,8 @@ def test_structured_reconstruction_resumes_identically(budget, tmp_path, monkeyp
     whole = scale.prune_structured_streaming(src, calib, tmp_path / "whole", 0.35, batch_size=4, tuning=tuning,
                                              act_budget=budget)
     assert any(t["kept"] == "tuned" for t in whole.reconstruction)
-    block_done = scale.Stream.block_done
-
-    def dies(self, index, block, hidden, report):
-        block_done(self, index, block, hidden, report)
-        if index == 0:
-            raise Killed
-
-    with monkeypatch.context() as m:
-        m.setattr(scale.Stream, "block_done", dies)
-        with pytest.raises(Killed):
-            scale.prune_structured_streaming(src, calib, tmp_path / "out", 0.35, batch_size=4, tuning=tuning,
-                                             act_budget=budget)
+    killed_after(monkeypatch, 0, lambda: scale.prune_structured_streaming(
+        src, calib, tmp_path / "out", 0.35, batch_size=4, tuning=tuning, act_budget=budget))
     with pytest.raises(ptp.ConfigError, match="different settings \\(structured\\)"):
         scale.prune_structured_streaming(src, calib, tmp_path / "out", 0.3, batch_size=4, tuning=tuning, resume=True)
     report = scale.prune_structured_streaming(src, calib, tmp_path / "out", 0.35, batch_size=4, tuning=tuning,
