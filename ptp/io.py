@@ -2,7 +2,7 @@
 
 Sources: a hub ID (``org/name``, through ``from_pretrained``, so ``HF_HUB_OFFLINE`` and the local
 cache work as usual), a local model directory (dense, or compressed by ptp), a ``.gguf`` file
-(transformers dequantizes it), or the alias ``smollm2-135m``.
+(transformers dequantizes it, once: see ``gguf_cache``), or the alias ``smollm2-135m``.
 
 Saved directories are ordinary ``save_pretrained`` checkpoints plus ``ptp.json``. With
 ``format="compressed"`` every pruned linear weight is stored as its kept values plus a bitmask
@@ -13,6 +13,7 @@ Saved directories are ordinary ``save_pretrained`` checkpoints plus ``ptp.json``
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.util
 import json
 import logging
@@ -85,8 +86,6 @@ def load_model(name: str, dtype: str = "auto", trust_remote_code: bool = False, 
     (see ``load``). runtime: "dense", or "sparse" (CPU: pruned linears become
     ``ptp.sparse.SparseLinear``; see ``load``). Returns (model in eval mode, tokenizer).
     """
-    from transformers import AutoTokenizer
-
     if dtype != "auto" and dtype not in DTYPES:
         raise ConfigError(f"unknown dtype {dtype!r}; choose auto, {', '.join(DTYPES)}")
     _check_runtime(runtime, device)
@@ -94,7 +93,7 @@ def load_model(name: str, dtype: str = "auto", trust_remote_code: bool = False, 
     if gguf is None and Path(where).is_dir() and (is_compressed(where) or (Path(where) / "ptp.json").is_file()):
         model = load(where, dtype=None if dtype == "auto" else DTYPES[dtype], verify=verify,
                      trust_remote_code=trust_remote_code, runtime=runtime)
-        return model.to(device or "cpu"), AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
+        return model.to(device or "cpu"), _tokenizer(where, name, trust_remote_code)
     if runtime == "sparse":
         from .sparse import sparsify
 
@@ -102,25 +101,75 @@ def load_model(name: str, dtype: str = "auto", trust_remote_code: bool = False, 
         sparsify(model)
         return model, tokenizer
     torch_dtype = DTYPES.get(dtype, torch.float32 if gguf else "auto")
-    kwargs = dict(gguf_file=gguf) if gguf else {}
-    model_kwargs = {}
     if gguf:
-        from transformers import GgufConfig
+        return _load_gguf(Path(where), gguf, name, torch_dtype, trust_remote_code, device)
+    kwargs = {}
+    model = _from_pretrained(where, name, trust_remote_code=trust_remote_code, dtype=torch_dtype)
+    return model.eval().to(device or "cpu"), _tokenizer(where, name, trust_remote_code)
 
-        # Pruning needs dense weights: never let transformers keep GGUF blocks packed (it does
-        # when a matmul kernel is installed). Dequantize to float32, then cast.
-        model_kwargs = dict(quantization_config=GgufConfig(gguf_file=gguf, dequantize=True), dtype=torch.float32)
-    model = _from_pretrained(where, name, trust_remote_code=trust_remote_code,
-                             **{"dtype": torch_dtype, **kwargs, **model_kwargs})
+
+def _tokenizer(where, name: str, trust_remote_code: bool, **kwargs):
+    from transformers import AutoTokenizer
+
     try:
-        tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code, **kwargs)
+        return AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code, **kwargs)
     except (OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ConfigError(f"cannot load model {name!r}: {first}") from None
-    if gguf:
-        _drop_gguf_quantizer(model)
-        model = model.to(torch_dtype)
-    return model.eval().to(device or "cpu"), tokenizer
+
+
+def gguf_cache(folder: str | Path, filename: str) -> Path | None:
+    """Where the dequantized copy of the GGUF file ``folder/filename`` is kept, or None when
+    ``PTP_GGUF_CACHE=off``. The name changes with the file (path, size, mtime) and with the
+    transformers version (its GGUF converter), so a stale copy is never read.
+
+    Root: ``$PTP_GGUF_CACHE``, else ``$XDG_CACHE_HOME/ptp/gguf``, else ``~/.cache/ptp/gguf``.
+    """
+    import transformers
+
+    root = os.environ.get("PTP_GGUF_CACHE")
+    if root == "off":
+        return None
+    path = (Path(folder) / filename).resolve()
+    stat = path.stat()
+    key = hashlib.sha256(repr((str(path), stat.st_size, stat.st_mtime_ns, transformers.__version__)).encode())
+    base = Path(root) if root else Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ptp" / "gguf"
+    return base / f"{path.stem}-{key.hexdigest()[:16]}"
+
+
+def _load_gguf(folder: Path, filename: str, name: str, dtype: torch.dtype, trust_remote_code: bool,
+               device: str | None):
+    """A GGUF model dequantized to dense float32 weights, then cast to ``dtype``.
+
+    Converting takes transformers ~40 s for SmolLM2-135M (it parses the file's metadata three
+    times in Python), so the dense result is saved once, sealed with SHA-256 like any ptp output,
+    and later loads read that copy in about a second. A copy that fails its check is converted again.
+    """
+    from transformers import GgufConfig
+
+    cached = gguf_cache(folder, filename)
+    if cached is not None and (cached / integrity.RECORD).is_file():
+        try:
+            model = load(cached, dtype=dtype, trust_remote_code=trust_remote_code)
+            return model.to(device or "cpu"), _tokenizer(cached, name, trust_remote_code)
+        except ConfigError as err:
+            logger.warning("the cached conversion of %s is unusable (%s); converting the GGUF file again",
+                           filename, err)
+    # Pruning needs dense weights: never let transformers keep GGUF blocks packed (it does when a
+    # matmul kernel is installed). Dequantize to float32, then cast.
+    model = _from_pretrained(folder, name, trust_remote_code=trust_remote_code, gguf_file=filename,
+                             quantization_config=GgufConfig(gguf_file=filename, dequantize=True), dtype=torch.float32)
+    tokenizer = _tokenizer(folder, name, trust_remote_code, gguf_file=filename)
+    _drop_gguf_quantizer(model)
+    if cached is not None:
+        try:
+            save(model, tokenizer, cached, meta={"model_source": {"path": str(folder), "gguf_file": filename}},
+                 overwrite=True, verify=False)  # every later load checks the SHA-256s instead
+            logger.info("kept the dequantized %s in %s (%.0f MB; delete it freely, PTP_GGUF_CACHE=off to skip)",
+                        filename, cached, sum(f.stat().st_size for f in cached.iterdir()) / 1e6)
+        except (OSError, ConfigError) as err:  # a full or read-only disk costs only the next load's time
+            logger.warning("could not keep the dequantized %s in %s: %s", filename, cached, err)
+    return model.to(dtype).eval().to(device or "cpu"), tokenizer
 
 
 def _drop_gguf_quantizer(model) -> None:

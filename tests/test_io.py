@@ -348,3 +348,36 @@ def test_gguf_smollm2_saves_as_an_ordinary_checkpoint(tmp_path):
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     assert reloaded.lm_head.weight.data_ptr() == reloaded.model.embed_tokens.weight.data_ptr()
     assert same_state(model, reloaded)
+
+
+@pytest.mark.slow
+def test_gguf_conversion_is_cached_checked_and_redone_when_corrupt(tmp_path, monkeypatch, caplog):
+    """The first load converts the GGUF and keeps the dense copy; the next reads that copy without
+    touching the GGUF file (same tensors, same tokenizer); a corrupted copy is converted again."""
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    monkeypatch.setenv("PTP_GGUF_CACHE", str(tmp_path / "cache"))
+    folder, name = io.resolve_model("smollm2-135m")
+    cached = io.gguf_cache(folder, name)
+    assert cached.parent == tmp_path / "cache"
+    converted, tokenizer = ptp.load_model("smollm2-135m")
+    assert (cached / "ptp.json").is_file() and not leftovers(tmp_path / "cache")[1:]  # nothing half-written beside it
+    conversions = []
+    real = gguf_utils.load_gguf_checkpoint
+    monkeypatch.setattr(gguf_utils, "load_gguf_checkpoint", lambda *a, **k: conversions.append(1) or real(*a, **k))
+    again, tokenizer_again = ptp.load_model("smollm2-135m")
+    assert conversions == [] and same_state(converted, again) and again.dtype == torch.float32
+    chat = [{"role": "user", "content": "What is the capital of France?"}]
+    assert tokenizer_again.apply_chat_template(chat, add_generation_prompt=True) == \
+        tokenizer.apply_chat_template(chat, add_generation_prompt=True)
+    assert ptp.load_model("smollm2-135m", dtype="bfloat16")[0].dtype == torch.bfloat16
+    weights = cached / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with caplog.at_level("WARNING", logger="ptp"):
+        redone, _ = ptp.load_model("smollm2-135m")
+    assert conversions and "unusable" in caplog.text and "corrupt" in caplog.text
+    assert same_state(converted, redone) and (cached / "ptp.json").is_file()
+    monkeypatch.setenv("PTP_GGUF_CACHE", "off")
+    assert io.gguf_cache(folder, name) is None
