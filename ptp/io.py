@@ -103,7 +103,6 @@ def load_model(name: str, dtype: str = "auto", trust_remote_code: bool = False, 
     torch_dtype = DTYPES.get(dtype, torch.float32 if gguf else "auto")
     if gguf:
         return _load_gguf(Path(where), gguf, name, torch_dtype, trust_remote_code, device)
-    kwargs = {}
     model = _from_pretrained(where, name, trust_remote_code=trust_remote_code, dtype=torch_dtype)
     return model.eval().to(device or "cpu"), _tokenizer(where, name, trust_remote_code)
 
