@@ -91,7 +91,7 @@ def main() -> None:
     linear = [m.weight for n, m in reloaded.named_modules() if n.startswith("model.layers.") and
               isinstance(m, torch.nn.Linear)]
     achieved = sum(int((w == 0).sum()) for w in linear) / sum(w.numel() for w in linear)
-    print(f"\nSmolLM2-135M, SparseGPT 50% + block reconstruction (6 epochs), self-calibrated ({args.nsamples} x {args.seqlen} sampled tokens)")
+    print(f"\nSmolLM2-135M, SparseGPT 50% + block reconstruction ({config.recon_epochs} epochs), self-calibrated ({args.nsamples} x {args.seqlen} sampled tokens)")
     print(f"saved to {args.out}; reloaded with AutoModelForCausalLM.from_pretrained\n")
     print(f"  {'dense':<{WIDTH}} | pruned 50%")
     for prompt, d, p in zip(PROMPTS, dense, pruned):

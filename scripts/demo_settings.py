@@ -20,6 +20,8 @@ import time
 import torch
 
 import ptp
+from ptp.evaluate import chunked_agreement
+
 from demo import PROMPTS, answer
 
 OTHER_PROMPTS = [
@@ -31,20 +33,21 @@ OTHER_PROMPTS = [
 
 
 def dense_answers(model, tokenizer, new_tokens: int) -> list[tuple[torch.Tensor, int, torch.Tensor]]:
-    """Per other prompt: (prompt + dense greedy answer [1, T], prompt length P, dense log-probs [T - P, V])."""
+    """Per other prompt: (prompt + dense greedy answer [1, T], prompt length P, dense logits
+    [1, T - P + 1, V] from the last prompt position on)."""
     out = []
     for prompt in OTHER_PROMPTS:
         ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
                                             return_tensors="pt", return_dict=True)["input_ids"]
         full = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False,
                               pad_token_id=tokenizer.eos_token_id)
-        out.append((full, ids.shape[1], next_token_logprobs(model, full, ids.shape[1])))
+        out.append((full, ids.shape[1], answer_logits(model, full, ids.shape[1])))
     return out
 
 
 @torch.no_grad()
-def next_token_logprobs(model, full: torch.Tensor, prompt_len: int) -> torch.Tensor:
-    return model(full).logits[0, prompt_len - 1:-1].float().log_softmax(-1)
+def answer_logits(model, full: torch.Tensor, prompt_len: int) -> torch.Tensor:
+    return model(full).logits[:, prompt_len - 1:]
 
 
 def main() -> None:
@@ -62,15 +65,12 @@ def main() -> None:
         start = time.perf_counter()
         ptp.prune(model, calib, ptp.PruneConfig(**fields))
         seconds = time.perf_counter() - start
-        agree = count = 0
-        kl = 0.0
-        for full, prompt_len, dense in reference:
-            pruned = next_token_logprobs(model, full, prompt_len)
-            agree += int((pruned.argmax(-1) == dense.argmax(-1)).sum())
-            count += dense.shape[0]
-            kl += float((dense.exp() * (dense - pruned)).sum())
-        print(json.dumps({"setting": fields, "prune_s": round(seconds, 1), "top1_other": round(agree / count, 4),
-                          "kl_other": round(kl / count, 4),
+        # sums of [KL, top-1, NLL dense, NLL pruned] over each answer's tokens
+        sums = sum(chunked_agreement(dense, answer_logits(model, full, prompt_len), full[:, prompt_len - 1:])
+                   for full, prompt_len, dense in reference)
+        count = sum(full.shape[1] - prompt_len for full, prompt_len, _ in reference)
+        print(json.dumps({"setting": fields, "prune_s": round(seconds, 1), "top1_other": round(float(sums[1]) / count, 4),
+                          "kl_other": round(float(sums[0]) / count, 4),
                           "answers": [answer(model, tokenizer, p, args.new_tokens) for p in PROMPTS]}), flush=True)
 
 
