@@ -21,7 +21,7 @@ from ptp.sparse.module import DenseLinear, SparseExperts
 from tests.lm_dirs import REPO, run_python, tiny_model, tiny_tokenizer
 
 PATTERNS = ["0.3", "0.5", "0.7", "2:4", "4:8"]
-ISAS = ["scalar", "avx2", "avx512"]
+ISAS = ["scalar", "avx2", "avx512", "amx"]
 # Odd shapes: rows not a multiple of the 16-row tile, inputs not of the 2-column pair nor of a
 # 16-word group, and one shape with several groups and tiles.
 SHAPES = [(1, 3), (17, 33), (40, 70), (100, 257)]
@@ -195,6 +195,28 @@ def test_bf16_activations_with_bf16_values(monkeypatch, isa):
 
 
 @needs_kernels
+@pytest.mark.parametrize("isa", ["avx512", "amx"])
+def test_bf16_prefill_over_several_input_chunks(monkeypatch, isa):
+    """Inputs past the AMX prefill's 4096-input chunk (partial sums held between chunks), rows
+    that end mid-pair of tiles, token counts around the 32-token blocks: against fp64, and the
+    dense-weight loop against the same weights."""
+    isa_env(monkeypatch, isa)
+    g = torch.Generator().manual_seed(5)
+    for pattern, shape in (("0.5", (40, 4200)), ("2:4", (50, 8200))):
+        w = pruned_weight(shape, pattern, torch.bfloat16)
+        p = F.pack(w)
+        bias = torch.randn(shape[0], generator=g)
+        for tokens in (31, 33, 64):
+            x = torch.randn(tokens, w.shape[1], generator=g).bfloat16()
+            want = reference(x, w, bias)
+            y = K.matmul(p, x, bias)
+            assert y.dtype == torch.bfloat16
+            assert ((y.double() - want).abs() <= 2 ** -7 * want.abs() + 1e-3 * (x.abs().double() @ w.abs().double().T) / 64).all()
+        dense = K.dense_bf16_matmul(F.pack_dense(w), tuple(w.shape), x)
+        assert ((dense.double() - reference(x, w)).abs() <= 1e-5 * (x.abs().double() @ w.abs().double().T)).all()
+
+
+@needs_kernels
 @pytest.mark.parametrize("isa", ISAS)
 def test_simd_variants_agree_with_the_scalar_reference(monkeypatch, isa):
     isa_env(monkeypatch, isa)
@@ -203,6 +225,10 @@ def test_simd_variants_agree_with_the_scalar_reference(monkeypatch, isa):
         p = F.pack(w)
         x = torch.randn(5, 130)
         assert torch.allclose(K.matmul(p, x), K.matmul(p, x, isa="scalar"), rtol=1e-5, atol=1e-5)
+        if dtype == torch.bfloat16:  # bf16 activations: vdpbf16ps, or AMX tiles for 2 tokens and more
+            for xb in (x[:1].bfloat16(), x.bfloat16(), torch.randn(40, 130).bfloat16()):
+                got, want = K.matmul(p, xb).double(), K.matmul(p, xb, isa="scalar").double()
+                assert ((got - want).abs() <= 2 ** -7 * want.abs() + 1e-4).all()
         # The prefill path unpacks tiles into dense fp32 rows: exact copies of the values.
         assert torch.equal(K.unpack_block(p, 1, 5)[:54], w[16:70].float())
         assert not K.unpack_block(p, 4, 5)[6:].any()

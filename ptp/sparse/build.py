@@ -25,11 +25,13 @@ log = logging.getLogger("ptp.sparse")
 
 CSRC = Path(__file__).with_name("csrc")
 COMMON = ["-O3", "-std=c++17", "-fPIC", "-fno-math-errno"]
+AVX512 = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vbmi2", "-mfma", "-mf16c"]
 # (source, flags, macro that leaves the variant out when it cannot be compiled)
 UNITS = [
     ("scalar.cpp", [], None),
     ("avx2.cpp", ["-mavx2", "-mfma", "-mf16c"], "PTP_NO_AVX2"),
-    ("avx512.cpp", ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vbmi2", "-mfma", "-mf16c"], "PTP_NO_AVX512"),
+    ("avx512.cpp", AVX512, "PTP_NO_AVX512"),
+    ("amx.cpp", [*AVX512, "-mavx512bf16", "-mamx-tile", "-mamx-bf16"], "PTP_NO_AMX"),
 ]
 
 

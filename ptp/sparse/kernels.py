@@ -35,7 +35,7 @@ from .format import PackedWeight, layout
 
 log = logging.getLogger("ptp.sparse")
 
-ISAS = {"scalar": 0, "avx2": 1, "avx512": 2}
+ISAS = {"scalar": 0, "avx2": 1, "avx512": 2, "amx": 4}
 AVX512_BF16 = 3  # not a kernel variant: the CPU feature that enables avx512's vdpbf16ps path
 VTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 SMALL_BATCH = 16
@@ -60,7 +60,7 @@ def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     """``lib`` with the argument types of the C ABI set (scripts/ab_kernels.py loads two builds)."""
     i64, i32, ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
     lib.ptp_sparse_supported.argtypes = [i32]
-    lib.ptp_sparse_matmul.argtypes = [i32, i32, i32, ptr, ptr, ptr, i64, i64, i64, ptr, i32, i64, ptr, ptr, i32]
+    lib.ptp_sparse_matmul.argtypes = [i32, i32, i32, ptr, ptr, ptr, i64, i64, i64, ptr, i32, i64, ptr, i32, ptr, i32]
     lib.ptp_sparse_unpack.argtypes = [i32, i32, i32, ptr, ptr, ptr, i64, i64, i64, i64, i64, ptr, i32, i64, i32]
     lib.ptp_dense_matmul.argtypes = [i32, ptr, i64, i64, ptr, i64, ptr, ptr, i32]
     return lib
@@ -82,13 +82,13 @@ def _selected(want: str) -> str:
     if want not in (*ISAS, "torch", "auto"):
         raise ConfigError(f"PTP_SPARSE_ISA={want!r}: choose auto, {', '.join(ISAS)} or torch")
     if want == "auto":
-        isa = next((name for name in ("avx512", "avx2", "scalar") if supported(name)), "torch")
+        isa = next((name for name in ("amx", "avx512", "avx2", "scalar") if supported(name)), "torch")
     elif want != "torch" and not supported(want):
         raise ConfigError(f"PTP_SPARSE_ISA={want}: this CPU or build cannot run it "
                           f"(supported: {', '.join(n for n in ISAS if supported(n)) or 'none; torch only'})")
     else:
         isa = want
-    bf16 = isa == "avx512" and bool(library().ptp_sparse_supported(AVX512_BF16))
+    bf16 = isa in ("avx512", "amx") and bool(library().ptp_sparse_supported(AVX512_BF16))
     log.info("sparse runtime: %s kernels%s%s", isa, " with AVX512_BF16 for bf16 activations" if bf16 else "",
              "" if want == "auto" else " (PTP_SPARSE_ISA)")
     return isa
@@ -111,16 +111,16 @@ def matmul(packed: PackedWeight, x: torch.Tensor, bias: torch.Tensor | None = No
         weight = unpack(packed) if bf16 else unpack(packed).to(torch.float32)
         return torch.nn.functional.linear(x, weight, None if bias is None else bias.to(weight.dtype))
     threads = threads or torch.get_num_threads()
-    if x.shape[0] > SMALL_BATCH:
+    if x.shape[0] > SMALL_BATCH and not (bf16 and isa == "amx"):  # AMX: its own prefill kernel
         return _prefill(packed, x, bias, isa, threads)
     if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
         bias = bias.to(torch.float32).contiguous()
-    y = torch.empty(x.shape[0], out, dtype=torch.float32)
+    y = torch.empty(x.shape[0], out, dtype=torch.bfloat16 if bf16 else torch.float32)
     _check(library().ptp_sparse_matmul(
         ISAS[isa], VTYPES[packed.dtype], 0, packed.masks.data_ptr(), packed.offsets.data_ptr(),
         packed.values.data_ptr(), out, inp, packed.masks.shape[1], x.data_ptr(), int(bf16), x.shape[0],
-        y.data_ptr(), 0 if bias is None else bias.data_ptr(), threads))
-    return y.to(torch.bfloat16) if bf16 else y
+        y.data_ptr(), int(bf16), 0 if bias is None else bias.data_ptr(), threads))
+    return y
 
 
 _scratch = threading.local()
@@ -187,7 +187,7 @@ def dense_bf16_matmul(values: torch.Tensor, shape: tuple[int, int], x: torch.Ten
     x = x.contiguous() if bf16 else x.to(torch.float32).contiguous()
     y = torch.empty(x.shape[0], out, dtype=torch.float32)
     _check(library().ptp_sparse_matmul(ISAS[isa], VTYPES[torch.bfloat16], 1, None, None, values.data_ptr(), out, inp,
-                                       words, x.data_ptr(), int(bf16), x.shape[0], y.data_ptr(), None,
+                                       words, x.data_ptr(), int(bf16), x.shape[0], y.data_ptr(), 0, None,
                                        threads or torch.get_num_threads()))
     return y
 

@@ -16,19 +16,11 @@
 
 #include <algorithm>
 
+#include "expand512.h"
 #include "sparse.h"
 
 namespace ptp {
 namespace {
-
-// Inline asm pins the register forms: left to itself gcc folds the preceding load into
-// `vpexpandw zmm{k}{z}, [mem]`, and zero-masking carries a false dependency on the old value
-// of the destination; a vpxord zeroing idiom followed by a merge-masked expand has neither.
-inline __m512i expand16(uint32_t m, __m512i src) {
-  __m512i dst;
-  asm("vpxord %0, %0, %0\n\tvpexpandw %2, %0%{%1%}" : "=&v"(dst) : "Yk"(__mmask32(m)), "v"(src));
-  return dst;
-}
 
 inline __m512 expand32(uint32_t m16, __m512 src) {
   __m512 dst;

@@ -7,11 +7,28 @@
 #include <vector>
 
 #include "sparse.h"
+#ifdef __linux__
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 namespace ptp {
 namespace {
 
-enum Isa { SCALAR = 0, AVX2 = 1, AVX512 = 2, AVX512_BF16 = 3 };  // the last: a feature of AVX512
+// AVX512_BF16 is a feature of AVX512 (its vdpbf16ps loop), not a variant; AMX is the AVX512
+// variant with AMX tiles for bf16 x bf16 at 2 or more tokens.
+enum Isa { SCALAR = 0, AVX2 = 1, AVX512 = 2, AVX512_BF16 = 3, AMX = 4 };
+
+// Linux hands out the AMX tile state only to a process that asks (ARCH_REQ_XCOMP_PERM for
+// XFEATURE_XTILEDATA); without it the first tile instruction faults.
+bool amx_permitted() {
+#if defined(__linux__) && defined(SYS_arch_prctl)
+  static const bool ok = syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+  return ok;
+#else
+  return false;
+#endif
+}
 
 bool supported(int isa) {
   __builtin_cpu_init();
@@ -26,6 +43,11 @@ bool supported(int isa) {
       return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
              __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vbmi2");
     case AVX512_BF16: return supported(AVX512) && __builtin_cpu_supports("avx512bf16");
+#endif
+#if !defined(PTP_NO_AVX512) && !defined(PTP_NO_AMX)
+    case AMX:
+      return supported(AVX512_BF16) && __builtin_cpu_supports("amx-tile") && __builtin_cpu_supports("amx-bf16") &&
+             amx_permitted();
 #endif
     default: return false;
   }
@@ -46,6 +68,9 @@ void gemv_avx512(const DenseJob&, int64_t, int64_t) { __builtin_trap(); }
 void matmul_avx512(const Job&, int64_t, int64_t) { __builtin_trap(); }
 void unpack_avx512(const Job&, int64_t, int64_t, int64_t, float*, int64_t) { __builtin_trap(); }
 void unpack_bf16_avx512(const Job&, int64_t, int64_t, int64_t, uint16_t*, int64_t) { __builtin_trap(); }
+#endif
+#ifdef PTP_NO_AMX
+void matmul_amx(const Job&, int64_t, int64_t) { __builtin_trap(); }
 #endif
 
 namespace {
@@ -76,6 +101,10 @@ int64_t piece(int64_t tiles, int threads) {
   return std::max<int64_t>(2, (tiles + 4 * threads - 1) / (4 * threads));
 }
 
+// At one token the avx512 loop's single vdpbf16ps per word costs less than storing the word
+// for a tile load.
+constexpr int64_t AMX_MIN_TOKENS = 2;
+
 }  // namespace
 }  // namespace ptp
 
@@ -85,21 +114,26 @@ extern "C" {
 
 int ptp_sparse_supported(int isa) { return supported(isa) ? 1 : 0; }
 
-// y[ntok, out] = x[ntok, in] @ W.T (+ bias). x: contiguous fp32, or bf16 when xbf16 != 0; y,
-// bias: contiguous fp32. dense != 0: values hold every cell in full (32 per word;
-// `format.pack_dense`), masks and offsets are ignored. bf16 activations with bf16 values run the
-// vdpbf16ps kernel where the CPU has AVX512_BF16 (isa 2); elsewhere they are widened to fp32
-// (exact). Returns 0, or -1 for an ISA this CPU (or this build) lacks.
+// y[ntok, out] = x[ntok, in] @ W.T (+ bias). x: contiguous fp32, or bf16 when xbf16 != 0; y:
+// contiguous fp32, or bf16 (rounded to nearest even) when ybf16 != 0; bias: contiguous fp32.
+// dense != 0: values hold every cell in full (32 per word; `format.pack_dense`), masks and
+// offsets are ignored. bf16 activations with bf16 values run the vdpbf16ps kernel where the CPU
+// has AVX512_BF16 (isa 2), AMX tiles at 2 or more tokens (isa 4); elsewhere they are widened to
+// fp32 (exact). Returns 0, or -1 for an ISA this CPU (or this build) lacks.
 int ptp_sparse_matmul(int isa, int vtype, int dense, const int32_t* masks, const int64_t* offsets,
                       const void* values, int64_t out, int64_t in, int64_t words, const void* x, int xbf16,
-                      int64_t ntok, float* y, const float* bias, int nthreads) {
+                      int64_t ntok, void* y, int ybf16, const float* bias, int nthreads) {
   if (!supported(isa)) return -1;
-  // The kernels read whole column pairs up to 2*words: give them a zero-padded copy of x.
+  // The kernels read whole column pairs up to ldx = 2*words: x is used in place when its rows
+  // are that long, else they get a zero-padded copy.
   const int64_t ldx = 2 * words;
-  const bool pairs = xbf16 && vtype == BF16 && isa == AVX512 && supported(AVX512_BF16);
+  const bool pairs = xbf16 && vtype == BF16 && (isa == AVX512 || isa == AMX) && supported(AVX512_BF16);
+  const bool tiles_amx = isa == AMX && pairs && ntok >= AMX_MIN_TOKENS;
+  const bool amx_prefill = tiles_amx && ntok > 16;
+  if (isa == AMX) isa = AVX512;  // every other case runs the AVX-512 kernels
   std::vector<float> xp(pairs ? 0 : size_t(ntok * ldx), 0.0f);
-  std::vector<uint32_t> xq(pairs ? size_t(ntok * words) : 0, 0u);
-  for (int64_t k = 0; k < ntok; ++k) {
+  std::vector<uint32_t> xq(pairs && in != ldx ? size_t(ntok * words) : 0, 0u);
+  for (int64_t k = 0; k < ntok && (!pairs || in != ldx); ++k) {
     if (pairs) {
       std::memcpy(&xq[k * words], static_cast<const uint16_t*>(x) + k * in, in * sizeof(uint16_t));
     } else if (xbf16) {
@@ -109,17 +143,28 @@ int ptp_sparse_matmul(int isa, int vtype, int dense, const int32_t* masks, const
       std::memcpy(&xp[k * ldx], static_cast<const float*>(x) + k * in, in * sizeof(float));
     }
   }
+  const uint32_t* xpairs = pairs ? (in == ldx ? static_cast<const uint32_t*>(x) : xq.data()) : nullptr;
+  // AMX prefill reads whole blocks of 32 tokens: the last, partial block from a padded copy.
+  const int64_t tail0 = ntok / 32 * 32;
+  std::vector<uint32_t> xtail(amx_prefill && tail0 < ntok ? size_t(32 * words) : 0, 0u);
+  if (!xtail.empty()) std::memcpy(xtail.data(), xpairs + tail0 * words, (ntok - tail0) * words * sizeof(uint32_t));
+  // The kernels write fp32; only AMX prefill writes bf16 itself, the others' sums are rounded after.
+  std::vector<float> y32(ybf16 && !amx_prefill ? size_t(ntok * out) : 0);
   Job j{masks, offsets, values, out, in, words, vtype, dense != 0, pairs ? nullptr : xp.data(), ntok, ldx,
-        pairs ? xq.data() : nullptr, y, out, bias};
+        xpairs, xtail.empty() ? nullptr : xtail.data(), y32.empty() ? static_cast<float*>(y) : y32.data(),
+        ybf16 && amx_prefill ? static_cast<uint16_t*>(y) : nullptr, out, bias};
   // Below ~128K multiply-adds, waking a second thread costs more than it saves.
   if (out * in * ntok < (int64_t(1) << 17)) nthreads = 1;
   const int64_t tiles = (out + ROWS - 1) / ROWS, step = piece(tiles, nthreads);
   run(nthreads, (tiles + step - 1) / step, [&](int64_t c) {
     int64_t t0 = c * step, t1 = std::min(tiles, t0 + step);
+    if (tiles_amx) return matmul_amx(j, t0, t1);
     if (isa == AVX512) return matmul_avx512(j, t0, t1);
     if (isa == AVX2) return matmul_avx2(j, t0, t1);
     matmul_scalar(j, t0, t1);
   });
+  uint16_t* yb = static_cast<uint16_t*>(y);
+  for (size_t i = 0; i < y32.size(); ++i) yb[i] = f32_to_bf16(y32[i]);
   return 0;
 }
 
@@ -131,8 +176,10 @@ int ptp_sparse_unpack(int isa, int vtype, int dense, const int32_t* masks, const
                       const void* values, int64_t out, int64_t in, int64_t words, int64_t t0,
                       int64_t t1, void* dst, int bf16_out, int64_t ld, int nthreads) {
   if (!supported(isa)) return -1;
+  if (isa == AMX) isa = AVX512;
   if (bf16_out && (vtype != BF16 || isa == AVX2)) return -2;
-  Job j{masks, offsets, values, out, in, words, vtype, dense != 0, nullptr, 0, 0, nullptr, nullptr, 0, nullptr};
+  Job j{masks, offsets, values, out, in, words, vtype, dense != 0, nullptr, 0, 0, nullptr, nullptr, nullptr, nullptr, 0,
+        nullptr};
   const int64_t tiles = t1 - t0, step = piece(tiles, nthreads);
   float* d32 = static_cast<float*>(dst);
   uint16_t* d16 = static_cast<uint16_t*>(dst);
@@ -151,6 +198,7 @@ int ptp_sparse_unpack(int isa, int vtype, int dense, const int32_t* masks, const
 int ptp_dense_matmul(int isa, const float* w, int64_t out, int64_t in, const float* x, int64_t ntok, float* y,
                      const float* bias, int nthreads) {
   if (!supported(isa)) return -1;
+  if (isa == AMX) isa = AVX512;
   DenseJob d{w, out, in, x, ntok, y, bias};
   if (out * in * ntok < (int64_t(1) << 17)) nthreads = 1;
   const int64_t blocks = (out + 3) / 4, step = 4 * piece(blocks, nthreads);  // rows per piece, whole blocks of 4

@@ -24,7 +24,9 @@ struct Job {
   // Or, for bf16 values on CPUs with AVX512_BF16 (matmul_avx512 only): bf16 activations as
   // [ntok, words] uint32 column pairs (x[2p] low half, x[2p+1] high half), zero-padded; x unused.
   const uint32_t* xpairs;
+  const uint32_t* xtail;    // AMX prefill: tokens from ntok/32*32 on, zero-padded to 32; or nullptr
   float* y;                 // [ntok, ldy] fp32 outputs
+  uint16_t* ybf16;          // or, AMX prefill only: bf16 outputs (then y is unused)
   int64_t ldy;
   const float* bias;        // [out] or nullptr
 };
@@ -33,6 +35,8 @@ struct Job {
 void matmul_scalar(const Job& j, int64_t t0, int64_t t1);
 void matmul_avx2(const Job& j, int64_t t0, int64_t t1);
 void matmul_avx512(const Job& j, int64_t t0, int64_t t1);
+// bf16 values with bf16 activations (xpairs) only, any ntok (in blocks of up to 16 tokens).
+void matmul_amx(const Job& j, int64_t t0, int64_t t1);
 
 // dst[(16*(t - tbase) + r) * ld + col] = W[16t + r, col] for tiles t0..t1), col < in: the
 // dense rows, row-major as nn.Linear stores them (ld >= in; rows past `out` come out 0), fp32.
@@ -64,6 +68,14 @@ inline float bf16_to_f32(uint16_t h) {
   float f;
   __builtin_memcpy(&f, &u, 4);
   return f;
+}
+
+// Round to nearest even, as torch's .to(torch.bfloat16); NaN stays a (quiet) NaN.
+inline uint16_t f32_to_bf16(float f) {
+  uint32_t u;
+  __builtin_memcpy(&u, &f, 4);
+  if ((u & 0x7FFFFFFFu) > 0x7F800000u) return uint16_t((u >> 16) | 0x40);
+  return uint16_t((u + 0x7FFFu + ((u >> 16) & 1)) >> 16);
 }
 
 inline float f16_to_f32(uint16_t h) {
