@@ -1,8 +1,9 @@
 """The kernels behind ``SparseLinear``: which one runs, and the calls into the C library.
 
-ISA: ``$PTP_SPARSE_ISA`` = ``auto`` (default: the best this CPU supports, avx512 > avx2 >
-scalar), ``avx512``, ``avx2``, ``scalar`` (the reference), or ``torch`` (no C library: unpack
-in torch and use a dense matmul — the fallback, always correct, slow). The choice is logged once.
+ISA: ``$PTP_SPARSE_ISA`` = ``auto`` (default: the best this CPU supports, amx > avx512 > avx2
+> scalar), ``amx`` (the avx512 kernels, and AMX tiles for bf16 values with bf16 activations at
+2 or more tokens), ``avx512``, ``avx2``, ``scalar`` (the reference), or ``torch`` (no C library:
+unpack in torch and use a dense matmul — the fallback, always correct, slow). The choice is logged once.
 If the library cannot be built (no compiler, a compile error) the fallback is used, with one
 warning that says why.
 
@@ -14,7 +15,9 @@ Two paths, both giving ``y [T, out] = x [T, in] @ W.T (+ bias)``:
   instruction per word and token); otherwise activations are fp32 (bf16 ones widened exactly);
 - prefill (larger T, compute-bound): up to SCRATCH_ELEMS weights at a time are unpacked into
   dense rows in a reused scratch buffer and multiplied by torch's linear — the call a dense
-  model of that dtype makes, on the same weights: bf16 (x bf16, values bf16) or fp32.
+  model of that dtype makes, on the same weights: bf16 (x bf16, values bf16) or fp32. With
+  ``amx``, bf16 x bf16 prefill is one C call instead: panels of the weight expanded into L2 and
+  multiplied on AMX tiles (no dense scratch, no re-layout by oneDNN).
 
 The output is bf16 when x is bf16 and the values are bf16 (as ``nn.Linear`` in bf16), else fp32.
 """
