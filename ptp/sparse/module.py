@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -63,10 +65,31 @@ class SparseLinear(nn.Module):
         return unpack(self.packed)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        call = self.__dict__.get("_call")
+        if (call is not None and x.dtype is call.dtype and x.is_cpu and x.is_contiguous()
+                and x.numel() <= call.max_numel and call.values is self._buffers["values"]
+                and call.bias is self._parameters.get("bias") and call.isa_env == os.environ.get("PTP_SPARSE_ISA")):
+            return call(x)
         if x.device.type != "cpu":
             raise RuntimeError("SparseLinear runs on CPU only (the packed kernels are CPU kernels)")
+        self._bind_small_batch_call()
         y = kernels.matmul(self.packed, x.reshape(-1, self.in_features), self.bias)
         return (y if y.dtype == x.dtype else y.to(x.dtype)).view(*x.shape[:-1], self.out_features)
+
+    def _bind_small_batch_call(self) -> None:
+        """Binds the decode fast path of ``forward`` (once per set of buffers and ISA choice)."""
+        packed, call = self.packed, self.__dict__.get("_call")
+        env = os.environ.get("PTP_SPARSE_ISA")
+        if call is not None and call.values is packed.values and call.bias is self.bias and call.isa_env == env:
+            return
+        isa = kernels.selected_isa()
+        if (isa == "torch" or packed.dtype not in (torch.float32, torch.bfloat16)
+                or any(t.requires_grad for t in (packed.values, *([] if self.bias is None else [self.bias])))):
+            self.__dict__.pop("_call", None)
+            return
+        call = kernels.SmallBatchCall(packed, self.bias, isa)
+        call.isa_env, call.max_numel = env, kernels.SMALL_BATCH * self.in_features
+        self.__dict__["_call"] = call
 
     def extra_repr(self) -> str:
         nnz = int(self.offsets[-1])
