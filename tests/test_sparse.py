@@ -195,6 +195,31 @@ def test_bf16_activations_with_bf16_values(monkeypatch, isa):
 
 
 @needs_kernels
+def test_a_copy_of_a_used_layer_binds_its_own_call():
+    """The decode fast path binds raw data pointers: a deepcopy or a pickled copy of a layer
+    that has run must not carry them (the original freed, its memory reused)."""
+    import gc
+    import io
+
+    lin = torch.nn.Linear(64, 40)
+    with torch.no_grad():
+        lin.weight[:, ::2] = 0
+    layer = SparseLinear.from_linear(lin)
+    x = torch.randn(1, 64)
+    want = layer(x)
+    copied = copy.deepcopy(layer)
+    buf = io.BytesIO()
+    torch.save(layer, buf)
+    del layer
+    gc.collect()
+    noise = [torch.randn(256, 256) for _ in range(8)]  # reuse the freed memory
+    buf.seek(0)
+    for other in (copied, torch.load(buf, weights_only=False)):
+        assert torch.equal(other(x), want)
+    assert noise
+
+
+@needs_kernels
 @pytest.mark.parametrize("isa", ["avx512", "amx"])
 def test_bf16_prefill_over_several_input_chunks(monkeypatch, isa):
     """Inputs past the AMX prefill's 4096-input chunk (partial sums held between chunks), rows

@@ -142,14 +142,13 @@ class SmallBatchCall:
                       packed.values.data_ptr(), out, inp, packed.masks.shape[1])
         self._bf16 = int(packed.dtype == torch.bfloat16)
         self._bias_ptr = 0 if bias is None else self._bias32.data_ptr()
-        self._fn = library().ptp_sparse_matmul
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in] contiguous, CPU, of the values' dtype, at most SMALL_BATCH tokens ->
         y [..., out], same dtype."""
         y = x.new_empty(x.shape[:-1] + (self.out,))  # x has the values' dtype
-        rc = self._fn(*self._head, x.data_ptr(), self._bf16, x.numel() // self._inp, y.data_ptr(), self._bf16,
-                      self._bias_ptr, torch.get_num_threads())
+        rc = library().ptp_sparse_matmul(*self._head, x.data_ptr(), self._bf16, x.numel() // self._inp, y.data_ptr(),
+                                         self._bf16, self._bias_ptr, torch.get_num_threads())
         if rc:
             _check(rc)
         return y

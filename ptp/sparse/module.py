@@ -91,6 +91,11 @@ class SparseLinear(nn.Module):
         call.isa_env, call.max_numel = env, kernels.SMALL_BATCH * self.in_features
         self.__dict__["_call"] = call
 
+    def __getstate__(self):
+        # The bound call holds raw data pointers of these buffers: a copy (deepcopy, pickle)
+        # binds its own.
+        return {k: v for k, v in super().__getstate__().items() if k != "_call"}
+
     def extra_repr(self) -> str:
         nnz = int(self.offsets[-1])
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
