@@ -23,8 +23,9 @@ from tests.lm_dirs import REPO, run_python, tiny_model, tiny_tokenizer
 PATTERNS = ["0.3", "0.5", "0.7", "2:4", "4:8"]
 ISAS = ["scalar", "avx2", "avx512", "amx"]
 # Odd shapes: rows not a multiple of the 16-row tile, inputs not of the 2-column pair nor of a
-# 16-word group, and one shape with several groups and tiles.
-SHAPES = [(1, 3), (17, 33), (40, 70), (100, 257)]
+# 16-word group, and one shape with several groups and tiles; and one whose inputs fill whole
+# groups (64), which the kernels read in place instead of from a zero-padded copy.
+SHAPES = [(1, 3), (17, 33), (40, 70), (100, 257), (48, 64)]
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 
 needs_kernels = pytest.mark.skipif(K.library() is None, reason="no C++ compiler: the sparse kernels cannot be built")

@@ -131,9 +131,10 @@ int ptp_sparse_matmul(int isa, int vtype, int dense, const int32_t* masks, const
   const bool tiles_amx = isa == AMX && pairs && ntok >= AMX_MIN_TOKENS;
   const bool amx_prefill = tiles_amx && ntok > 16;
   if (isa == AMX) isa = AVX512;  // every other case runs the AVX-512 kernels
-  std::vector<float> xp(pairs ? 0 : size_t(ntok * ldx), 0.0f);
-  std::vector<uint32_t> xq(pairs && in != ldx ? size_t(ntok * words) : 0, 0u);
-  for (int64_t k = 0; k < ntok && (!pairs || in != ldx); ++k) {
+  const bool in_place = in == ldx && (pairs || !xbf16);
+  std::vector<float> xp(pairs || in_place ? 0 : size_t(ntok * ldx), 0.0f);
+  std::vector<uint32_t> xq(pairs && !in_place ? size_t(ntok * words) : 0, 0u);
+  for (int64_t k = 0; k < ntok && !in_place; ++k) {
     if (pairs) {
       std::memcpy(&xq[k * words], static_cast<const uint16_t*>(x) + k * in, in * sizeof(uint16_t));
     } else if (xbf16) {
@@ -143,14 +144,15 @@ int ptp_sparse_matmul(int isa, int vtype, int dense, const int32_t* masks, const
       std::memcpy(&xp[k * ldx], static_cast<const float*>(x) + k * in, in * sizeof(float));
     }
   }
-  const uint32_t* xpairs = pairs ? (in == ldx ? static_cast<const uint32_t*>(x) : xq.data()) : nullptr;
+  const float* x32 = pairs ? nullptr : (in_place ? static_cast<const float*>(x) : xp.data());
+  const uint32_t* xpairs = pairs ? (in_place ? static_cast<const uint32_t*>(x) : xq.data()) : nullptr;
   // AMX prefill reads whole blocks of 32 tokens: the last, partial block from a padded copy.
   const int64_t tail0 = ntok / 32 * 32;
   std::vector<uint32_t> xtail(amx_prefill && tail0 < ntok ? size_t(32 * words) : 0, 0u);
   if (!xtail.empty()) std::memcpy(xtail.data(), xpairs + tail0 * words, (ntok - tail0) * words * sizeof(uint32_t));
   // The kernels write fp32; only AMX prefill writes bf16 itself, the others' sums are rounded after.
   std::vector<float> y32(ybf16 && !amx_prefill ? size_t(ntok * out) : 0);
-  Job j{masks, offsets, values, out, in, words, vtype, dense != 0, pairs ? nullptr : xp.data(), ntok, ldx,
+  Job j{masks, offsets, values, out, in, words, vtype, dense != 0, x32, ntok, ldx,
         xpairs, xtail.empty() ? nullptr : xtail.data(), y32.empty() ? static_cast<float*>(y) : y32.data(),
         ybf16 && amx_prefill ? static_cast<uint16_t*>(y) : nullptr, out, bias};
   // Below ~128K multiply-adds, waking a second thread costs more than it saves.
