@@ -2,6 +2,7 @@
 
     python scripts/bench_sparse.py kernels              # ptp bench --kernels, the full grid
     python scripts/bench_sparse.py llama                # synthetic ~1.1B Llama, 50% magnitude, bf16
+    python scripts/bench_sparse.py llama --prefill 512  # ... and a 512-token prompt
     python scripts/bench_sparse.py smollm2              # SmolLM2-135M, 2:4 magnitude, fp32
     python scripts/bench_sparse.py moe                  # synthetic ~1.2B Mixtral, 50% magnitude, bf16
 
@@ -103,22 +104,24 @@ def step_shares(model: nn.Module, new_tokens: int) -> str:
             f"{spent['linears'] / total:.0%}, everything else (attention, norms, embedding, Python) {rest / total:.0%}")
 
 
-def end_to_end(base: nn.Module, new_tokens: int, repeats: int) -> None:
+def end_to_end(base: nn.Module, new_tokens: int, repeats: int, prefill: int = 0) -> None:
     """fp32-stored, bf16-stored and sparse-runtime copies of one pruned model (``base``, in the
-    dtype of the packed values), decode interleaved."""
+    dtype of the packed values), decode (and, with ``prefill`` tokens, a prompt) interleaved."""
     values = next(base.parameters()).dtype
     dense32 = base if values == torch.float32 else copy.deepcopy(base).float()
     dense16 = base if values == torch.bfloat16 else copy.deepcopy(base).bfloat16()
     sparse = copy.deepcopy(base)
     sparsify(sparse)
     models = {"dense fp32": dense32, "dense bf16": dense16, f"sparse ({str(values)[6:]} values)": sparse}
-    report = throughput(models, prefill_shapes=(), decode_batches=(1,), new_tokens=new_tokens, repeats=repeats,
-                        semi_structured=False)
+    report = throughput(models, prefill_shapes=((1, prefill),) if prefill else (), decode_batches=(1,),
+                        new_tokens=new_tokens, repeats=repeats, semi_structured=False)
     print(report.markdown())
-    tps = {m.model: m.tokens_per_s for m in report.measurements}
-    best = max(tps["dense fp32"], tps["dense bf16"])
-    name = next(n for n in tps if n.startswith("sparse"))
-    print(f"\nsparse vs the faster dense: {tps[name] / best:.2f}x")
+    print()
+    for kind in ("prefill", "decode") if prefill else ("decode",):
+        tps = {m.model: m.tokens_per_s for m in report.measurements if m.kind == kind}
+        best = max(tps["dense fp32"], tps["dense bf16"])
+        name = next(n for n in tps if n.startswith("sparse"))
+        print(f"{kind}: sparse vs the faster dense: {tps[name] / best:.2f}x")
     print(f"decoder linear weights resident: dense {str(values)[6:]} {linear_bytes(base) / 2**20:.0f} MiB, "
           f"packed {linear_bytes(sparse) / 2**20:.0f} MiB ({linear_bytes(sparse) / linear_bytes(base):.3f}x)")
     for n in ("dense fp32", "dense bf16", name):
@@ -135,13 +138,13 @@ def llama(args) -> None:
     model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
     log.info("synthetic Llama: %.2fB parameters", sum(p.numel() for p in model.parameters()) / 1e9)
     prune_linears(model, "0.5")
-    end_to_end(model, args.new_tokens, args.repeats)
+    end_to_end(model, args.new_tokens, args.repeats, args.prefill)
 
 
 def smollm2(args) -> None:
     model, _ = ptp.load_model("smollm2-135m")  # float32 from the GGUF
     prune_linears(model, "2:4")
-    end_to_end(model, args.new_tokens, args.repeats)
+    end_to_end(model, args.new_tokens, args.repeats, args.prefill)
 
 
 def moe(args) -> None:
@@ -157,7 +160,7 @@ def moe(args) -> None:
     log.info("synthetic Mixtral: %.2fB parameters (dense experts: transformers' default %s)",
              sum(p.numel() for p in model.parameters()) / 1e9, model.config._experts_implementation)
     prune_linears(model, "0.5")
-    end_to_end(model, args.new_tokens, args.repeats)
+    end_to_end(model, args.new_tokens, args.repeats, args.prefill)
 
 
 def kernels(args) -> None:
@@ -170,6 +173,8 @@ def main() -> None:
     parser.add_argument("what", choices=("kernels", "llama", "smollm2", "moe"))
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--prefill", type=int, default=0, metavar="TOKENS",
+                        help="also time a prompt of this many tokens (batch 1); default: decode only")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     print(f"load average before: {os.getloadavg()[0]:.2f}, torch threads {torch.get_num_threads()}")
