@@ -196,6 +196,23 @@ def test_bf16_activations_with_bf16_values(monkeypatch, isa):
 
 
 @needs_kernels
+def test_the_decode_fast_path_follows_replaced_buffers():
+    """The bound call is used only while the buffers are the ones it was bound to: new packed
+    tensors (another weight), or a dtype change, take effect at the next call."""
+    a, b = pruned_weight((40, 64), "0.5", seed=1), pruned_weight((40, 64), "2:4", seed=2)
+    layer = SparseLinear(F.pack(a))
+    x = torch.randn(1, 3, 64)
+    assert torch.allclose(layer(x), x @ a.T, atol=1e-5)
+    other = F.pack(b)
+    layer.masks, layer.offsets, layer.values = other.masks, other.offsets, other.values
+    assert torch.allclose(layer(x), x @ b.T, atol=1e-5)
+    layer.to(torch.bfloat16)
+    y = layer(x.bfloat16())
+    assert y.dtype == torch.bfloat16
+    assert torch.allclose(y.float(), x.bfloat16().float() @ b.bfloat16().float().T, rtol=2e-2, atol=2e-2)
+
+
+@needs_kernels
 def test_a_copy_of_a_used_layer_binds_its_own_call():
     """The decode fast path binds raw data pointers: a deepcopy or a pickled copy of a layer
     that has run must not carry them (the original freed, its memory reused)."""

@@ -130,13 +130,15 @@ class SmallBatchCall:
     """``matmul``'s C call for up to ``SMALL_BATCH`` tokens of x in the values' dtype (fp32 or
     bf16), with its constant arguments bound once. Decode calls every layer once per token, and
     ``matmul``'s argument handling cost as much as a small layer's kernel: on SmolLM2's 192 x 576
-    at 2:4, 11 µs in C and 11 µs more through ``SparseLinear``. Valid while the packed tensors and
-    the bias are the ones it was built from (``SparseLinear`` checks).
+    at 2:4, 11 µs in C and 11 µs more through ``SparseLinear``. Valid while ``packed`` and the
+    bias are the objects it was built from and ``$PTP_SPARSE_ISA`` is ``isa_env`` (the caller
+    checks).
     """
 
     def __init__(self, packed: PackedWeight, bias: torch.Tensor | None, isa: str):
         out, inp = packed.shape
-        self.values, self.bias, self.dtype, self.out, self._inp = packed.values, bias, packed.dtype, out, inp
+        self.packed, self.bias, self.dtype, self.out, self._inp = packed, bias, packed.dtype, out, inp
+        self.isa_env, self.max_numel = os.environ.get("PTP_SPARSE_ISA"), SMALL_BATCH * inp
         self._bias32 = None if bias is None else bias.detach().to(torch.float32).contiguous()  # kept alive
         self._head = (ISAS[isa], VTYPES[packed.dtype], 0, packed.masks.data_ptr(), packed.offsets.data_ptr(),
                       packed.values.data_ptr(), out, inp, packed.masks.shape[1])

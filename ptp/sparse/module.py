@@ -67,7 +67,7 @@ class SparseLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         call = self.__dict__.get("_call")
         if (call is not None and x.dtype is call.dtype and x.is_cpu and x.is_contiguous()
-                and x.numel() <= call.max_numel and call.values is self._buffers["values"]
+                and x.numel() <= call.max_numel and call.packed is self.packed
                 and call.bias is self._parameters.get("bias") and call.isa_env == os.environ.get("PTP_SPARSE_ISA")):
             return call(x)
         if x.device.type != "cpu":
@@ -80,16 +80,14 @@ class SparseLinear(nn.Module):
         """Binds the decode fast path of ``forward`` (once per set of buffers and ISA choice)."""
         packed, call = self.packed, self.__dict__.get("_call")
         env = os.environ.get("PTP_SPARSE_ISA")
-        if call is not None and call.values is packed.values and call.bias is self.bias and call.isa_env == env:
+        if call is not None and call.packed is packed and call.bias is self.bias and call.isa_env == env:
             return
         isa = kernels.selected_isa()
         if (isa == "torch" or packed.dtype not in (torch.float32, torch.bfloat16)
                 or any(t.requires_grad for t in (packed.values, *([] if self.bias is None else [self.bias])))):
             self.__dict__.pop("_call", None)
             return
-        call = kernels.SmallBatchCall(packed, self.bias, isa)
-        call.isa_env, call.max_numel = env, kernels.SMALL_BATCH * self.in_features
-        self.__dict__["_call"] = call
+        self.__dict__["_call"] = kernels.SmallBatchCall(packed, self.bias, isa)
 
     def __getstate__(self):
         # The bound call holds raw data pointers of these buffers: a copy (deepcopy, pickle)
