@@ -50,32 +50,43 @@ void configure(int ntok) {
   _tile_loadconfig(&c);
 }
 
+// Expands the B tiles of groups [g0, g1) of row tile t into dst [g1 - g0][16 x 32] (dense: copied).
+__attribute__((always_inline)) inline void expand_tile(const Job& j, int64_t t, int64_t g0, int64_t g1, uint16_t* dst) {
+  const uint16_t* values = static_cast<const uint16_t*>(j.values);
+  if (j.dense) {
+    std::memcpy(dst, values + (t * j.words + g0 * GROUP) * 32, (g1 - g0) * GROUP * 64);
+    return;
+  }
+  const int32_t* masks = j.masks + t * j.words;
+  int64_t s = j.offsets[t * (j.words / GROUP) + g0];
+  for (int64_t g = g0; g < g1; ++g) {
+    _mm_prefetch((const char*)(masks + g * GROUP) + 512, _MM_HINT_T0);
+#pragma GCC unroll 16
+    for (int w = 0; w < GROUP; ++w, dst += 32) {
+      const uint32_t m = uint32_t(masks[g * GROUP + w]);
+      _mm_prefetch((const char*)(values + s) + 2048, _MM_HINT_T0);
+      _mm512_store_si512(dst, expand16(m, _mm512_loadu_si512(values + s)));
+      s += __builtin_popcount(m);
+    }
+  }
+}
+
 template <bool DENSE>
 void tiles(const Job& j, int64_t t0, int64_t t1, int64_t k0, int ntok) {
   const int64_t groups = j.words / GROUP, lda = 4 * j.words;  // bytes per activation row
   const uint16_t* x = reinterpret_cast<const uint16_t*>(j.xpairs + k0 * j.words);
-  const uint16_t* values = static_cast<const uint16_t*>(j.values);
   alignas(64) uint16_t b[2][ROWS * 32];  // the two chains' B tiles, expanded
   alignas(64) float c[2][16 * ROWS];
   configure(ntok);
   for (int64_t t = t0; t < t1; ++t) {
     _tile_zero(0);
     _tile_zero(1);
-    const int32_t* masks = j.masks + t * j.words;
     for (int64_t g = 0; g < groups; ++g) {
-      const uint16_t* bt = values + (t * j.words + g * GROUP) * 32;  // dense: the tile as stored
+      // dense: the B tile as stored
+      const uint16_t* bt = static_cast<const uint16_t*>(j.values) + (t * j.words + g * GROUP) * 32;
       if constexpr (!DENSE) {
-        int64_t s = j.offsets[t * groups + g];
-        _mm_prefetch((const char*)(masks + g * GROUP) + 512, _MM_HINT_T0);
-        uint16_t* dst = b[g & 1];
-#pragma GCC unroll 16
-        for (int w = 0; w < GROUP; ++w) {
-          const uint32_t m = uint32_t(masks[g * GROUP + w]);
-          _mm_prefetch((const char*)(values + s) + 2048, _MM_HINT_T0);
-          _mm512_store_si512(dst + 32 * w, expand16(m, _mm512_loadu_si512(values + s)));
-          s += __builtin_popcount(m);
-        }
-        bt = dst;
+        expand_tile(j, t, g, g + 1, b[g & 1]);
+        bt = b[g & 1];
       }
       if (g & 1) {
         _tile_loadd(3, x + 32 * g, lda);
@@ -96,23 +107,6 @@ void tiles(const Job& j, int64_t t0, int64_t t1, int64_t k0, int ntok) {
       }
   }
   _tile_release();
-}
-
-// Expands the B tiles of groups [g0, g1) of row tile t into dst [g1 - g0][16 x 32] (dense: copied).
-void expand_tile(const Job& j, int64_t t, int64_t g0, int64_t g1, uint16_t* dst) {
-  const uint16_t* values = static_cast<const uint16_t*>(j.values);
-  if (j.dense) {
-    std::memcpy(dst, values + (t * j.words + g0 * GROUP) * 32, (g1 - g0) * GROUP * 64);
-    return;
-  }
-  const int32_t* masks = j.masks + t * j.words;
-  int64_t s = j.offsets[t * (j.words / GROUP) + g0];
-  for (int64_t w = g0 * GROUP; w < g1 * GROUP; ++w, dst += 32) {
-    const uint32_t m = uint32_t(masks[w]);
-    _mm_prefetch((const char*)(values + s) + 2048, _MM_HINT_T0);
-    _mm512_store_si512(dst, expand16(m, _mm512_loadu_si512(values + s)));
-    s += __builtin_popcount(m);
-  }
 }
 
 // y (+ bias) of tokens m0.. (up to 32) and of row tiles t, t + 1 (only t when pairs_left is 1)
