@@ -131,8 +131,8 @@ class SmallBatchCall:
     bf16), with its constant arguments bound once. Decode calls every layer once per token, and
     ``matmul``'s argument handling cost as much as a small layer's kernel: on SmolLM2's 192 x 576
     at 2:4, 11 µs in C and 11 µs more through ``SparseLinear``. Valid while ``packed`` and the
-    bias are the objects it was built from and ``$PTP_SPARSE_ISA`` is ``isa_env`` (the caller
-    checks).
+    bias are the objects it was built from and ``$PTP_SPARSE_ISA`` is unchanged (``bound_to``;
+    the caller checks).
     """
 
     def __init__(self, packed: PackedWeight, bias: torch.Tensor | None, isa: str):
@@ -144,6 +144,9 @@ class SmallBatchCall:
                       packed.values.data_ptr(), out, inp, packed.masks.shape[1])
         self._bf16 = int(packed.dtype == torch.bfloat16)
         self._bias_ptr = 0 if bias is None else self._bias32.data_ptr()
+
+    def bound_to(self, packed: PackedWeight, bias: torch.Tensor | None) -> bool:
+        return self.packed is packed and self.bias is bias and self.isa_env == os.environ.get("PTP_SPARSE_ISA")
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in] contiguous, CPU, of the values' dtype, at most SMALL_BATCH tokens ->

@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -67,8 +65,7 @@ class SparseLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         call = self.__dict__.get("_call")
         if (call is not None and x.dtype is call.dtype and x.is_cpu and x.is_contiguous()
-                and x.numel() <= call.max_numel and call.packed is self.packed
-                and call.bias is self._parameters.get("bias") and call.isa_env == os.environ.get("PTP_SPARSE_ISA")):
+                and x.numel() <= call.max_numel and call.bound_to(self.packed, self._parameters.get("bias"))):
             return call(x)
         if x.device.type != "cpu":
             raise RuntimeError("SparseLinear runs on CPU only (the packed kernels are CPU kernels)")
@@ -79,8 +76,7 @@ class SparseLinear(nn.Module):
     def _bind_small_batch_call(self) -> None:
         """Binds the decode fast path of ``forward`` (once per set of buffers and ISA choice)."""
         packed, call = self.packed, self.__dict__.get("_call")
-        env = os.environ.get("PTP_SPARSE_ISA")
-        if call is not None and call.packed is packed and call.bias is self.bias and call.isa_env == env:
+        if call is not None and call.bound_to(packed, self.bias):
             return
         isa = kernels.selected_isa()
         if (isa == "torch" or packed.dtype not in (torch.float32, torch.bfloat16)
